@@ -1,0 +1,61 @@
+//! Video sources for Lookout.
+//!
+//! This crate opens video, demuxes and decodes it with libav (through ffmpeg-next) on a dedicated
+//! thread, and converts to RGB only the frames that are asked for. It knows nothing of models or
+//! HTTP.
+//!
+//! - [`probe`] reads a file's stream facts ([`VideoInfo`]): codec, size, frame count and average
+//!   frame rate, counted from the packets themselves (as torchcodec's exact mode does), so that
+//!   frame indices mean the same thing here as in the Python reference.
+//! - [`FileSource::frames`] decodes the requested frame indices on its own thread and hands them
+//!   over through a bounded channel as [`Frame`]s.
+//!
+//! The YUV to RGB conversion uses libswscale with the settings torchcodec uses (bilinear, the
+//! frame's own colour matrix), so frames are bit-identical with the reference reader.
+
+mod convert;
+mod error;
+mod file;
+
+pub use error::IngestError;
+pub use file::{DecodeOptions, FileSource, FrameStream, VideoInfo, probe};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One decoded frame in packed RGB8.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Index of the frame in presentation order within its stream.
+    pub seq: u64,
+    /// Presentation time from the stream's clock (not the wall clock).
+    pub pts: Duration,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `height * width * 3` bytes, row-major RGB.
+    pub rgb: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("seq", &self.seq)
+            .field("pts", &self.pts)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Initializes libav once (quiet logging). Called by every entry point; cheap after the first.
+pub(crate) fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = ffmpeg_next::init() {
+            tracing::warn!(error = %e, "libav initialisation failed");
+        }
+        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Error);
+    });
+}

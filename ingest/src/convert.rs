@@ -36,8 +36,8 @@ impl RgbConverter {
     }
 
     /// Converts `frame` (in `time_base`) to packed RGB24 (`height * width * 3` bytes, no row
-    /// padding).
-    pub(crate) fn convert(&mut self, frame: &VideoFrame, time_base: ff::Rational) -> Result<Vec<u8>, String> {
+    /// padding). The frame may be left empty afterwards (the filter path takes its buffers).
+    pub(crate) fn convert(&mut self, frame: &mut VideoFrame, time_base: ff::Rational) -> Result<Vec<u8>, String> {
         if frame.width() % 32 == 0 {
             self.convert_sws(frame)
         } else {

@@ -307,15 +307,11 @@ impl DecodeJob {
                 };
                 out_count += 1;
                 let Some(&times) = wanted.get(&index) else { continue };
-                let rgb: Arc<[u8]> = converter.convert(&decoded, decoder.packet_time_base()).map_err(err)?.into();
                 let pts_s = decoded.pts().map_or(0.0, |p| pts_seconds(p, src.time_base)).max(0.0);
-                let frame = Frame {
-                    seq: index as u64,
-                    pts: Duration::from_secs_f64(pts_s),
-                    width: decoded.width(),
-                    height: decoded.height(),
-                    rgb,
-                };
+                let (width, height) = (decoded.width(), decoded.height());
+                // The conversion may take the frame's buffers (the filter path does).
+                let rgb: Arc<[u8]> = converter.convert(&mut decoded, decoder.packet_time_base()).map_err(err)?.into();
+                let frame = Frame { seq: index as u64, pts: Duration::from_secs_f64(pts_s), width, height, rgb };
                 for _ in 0..times {
                     if tx.send(Ok(frame.clone())).is_err() {
                         return Ok(()); // the reader is gone

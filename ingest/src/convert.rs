@@ -38,11 +38,7 @@ impl RgbConverter {
     /// Converts `frame` (in `time_base`) to packed RGB24 (`height * width * 3` bytes, no row
     /// padding). The frame may be left empty afterwards (the filter path takes its buffers).
     pub(crate) fn convert(&mut self, frame: &mut VideoFrame, time_base: ff::Rational) -> Result<Vec<u8>, String> {
-        if frame.width() % 32 == 0 {
-            self.convert_sws(frame)
-        } else {
-            self.convert_graph(frame, time_base)
-        }
+        if frame.width().is_multiple_of(32) { self.convert_sws(frame) } else { self.convert_graph(frame, time_base) }
     }
 
     fn convert_graph(&mut self, frame: &VideoFrame, time_base: ff::Rational) -> Result<Vec<u8>, String> {
@@ -112,6 +108,8 @@ impl RgbConverter {
     fn reset(&mut self, w: i32, h: i32, fmt: i32, colorspace: i32) -> Result<(), String> {
         self.free();
         // SAFETY: plain libswscale calls with valid sizes; `fmt` comes from a decoded frame.
+        // (The flag constant's integer type differs between libav versions, hence the cast.)
+        #[allow(clippy::unnecessary_cast)]
         unsafe {
             let src_fmt: ffi::AVPixelFormat = std::mem::transmute::<i32, ffi::AVPixelFormat>(fmt);
             let ctx = ffi::sws_getContext(

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
-use ffmpeg_next as ff;
 use ff::codec::threading;
 use ff::util::frame::video::Video as VideoFrame;
+use ffmpeg_next as ff;
 
 use crate::convert::RgbConverter;
 use crate::{Frame, IngestError};
@@ -81,10 +81,8 @@ impl FileSource {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IngestError> {
         let path = path.as_ref().to_owned();
         let mut ictx = open_input(&path)?;
-        let stream = ictx
-            .streams()
-            .best(ff::media::Type::Video)
-            .ok_or_else(|| IngestError::NoVideo { path: path.clone() })?;
+        let stream =
+            ictx.streams().best(ff::media::Type::Video).ok_or_else(|| IngestError::NoVideo { path: path.clone() })?;
         let stream_index = stream.index();
         let tb = stream.time_base();
         let time_base = (tb.numerator(), tb.denominator());
@@ -98,10 +96,8 @@ impl FileSource {
         let (width, height) = {
             let ctx = ff::codec::context::Context::from_parameters(params)
                 .map_err(|e| IngestError::Decode { path: path.clone(), reason: e.to_string() })?;
-            let dec = ctx
-                .decoder()
-                .video()
-                .map_err(|e| IngestError::Decode { path: path.clone(), reason: e.to_string() })?;
+            let dec =
+                ctx.decoder().video().map_err(|e| IngestError::Decode { path: path.clone(), reason: e.to_string() })?;
             (dec.width(), dec.height())
         };
         if time_base.1 == 0 {
@@ -183,10 +179,10 @@ impl FileSource {
         let (tx, rx) = sync_channel(opts.queue.max(1));
         let job = DecodeJob { src: self.clone(), indices: indices.to_vec(), opts };
         let name = format!("decode:{}", self.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || job.run(tx))
-            .map_err(|e| IngestError::Decode { path: self.path.clone(), reason: format!("cannot start thread: {e}") })?;
+        std::thread::Builder::new().name(name).spawn(move || job.run(tx)).map_err(|e| IngestError::Decode {
+            path: self.path.clone(),
+            reason: format!("cannot start thread: {e}"),
+        })?;
         Ok(FrameStream { rx, remaining: indices.len() })
     }
 }
@@ -254,8 +250,13 @@ impl DecodeJob {
 
         let mut ictx = open_input(path)?;
         let stream = ictx.stream(src.stream_index).ok_or_else(|| err("the video stream disappeared".into()))?;
-        let mut ctx = ff::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| err(e.to_string()))?;
-        ctx.set_threading(threading::Config { kind: threading::Type::Frame, count: self.opts.threads, ..Default::default() });
+        let mut ctx =
+            ff::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| err(e.to_string()))?;
+        ctx.set_threading(threading::Config {
+            kind: threading::Type::Frame,
+            count: self.opts.threads,
+            ..Default::default()
+        });
         let mut decoder = ctx.decoder().video().map_err(|e| err(e.to_string()))?;
         decoder.set_packet_time_base(stream.time_base());
         // Skipping non-reference frames nobody asked for leaves every other frame bit-identical;
@@ -306,7 +307,9 @@ impl DecodeJob {
                     _ => out_count,
                 };
                 out_count += 1;
-                let Some(&times) = wanted.get(&index) else { continue };
+                let Some(&times) = wanted.get(&index) else {
+                    continue;
+                };
                 let pts_s = decoded.pts().map_or(0.0, |p| pts_seconds(p, src.time_base)).max(0.0);
                 let (width, height) = (decoded.width(), decoded.height());
                 // The conversion may take the frame's buffers (the filter path does).

@@ -49,13 +49,13 @@ impl std::fmt::Debug for Frame {
     }
 }
 
-/// Initializes libav once (quiet logging). Called by every entry point; cheap after the first.
+/// Initializes libav once. Its own log is silenced: every failure surfaces as an [`IngestError`]. Called by every entry point; cheap after the first.
 pub(crate) fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Err(e) = ffmpeg_next::init() {
             tracing::warn!(error = %e, "libav initialisation failed");
         }
-        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Error);
+        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Fatal);
     });
 }

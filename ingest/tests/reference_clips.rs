@@ -41,11 +41,8 @@ fn check_all_frames(threads: usize) {
         let src = FileSource::open(root().join(clip)).unwrap();
         let n = src.info().frame_count;
         let indices: Vec<usize> = (0..n).collect();
-        let frames: Vec<_> = src
-            .frames(&indices, DecodeOptions { threads, queue: 2 })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let frames: Vec<_> =
+            src.frames(&indices, DecodeOptions { threads, queue: 2 }).unwrap().collect::<Result<_, _>>().unwrap();
         assert_eq!(frames.len(), n, "{clip}");
         let digests = want["rgb_sha256_16"].as_array().unwrap();
         let mismatched: Vec<usize> = frames
@@ -78,8 +75,7 @@ fn sparse_requests_skip_unwanted_frames_but_stay_exact() {
     let digests = cases["clips"][clip]["rgb_sha256_16"].as_array().unwrap();
     let src = FileSource::open(root().join(clip)).unwrap();
     let indices = [3usize, 3, 17, 44, 45, 89];
-    let frames: Vec<_> =
-        src.frames(&indices, DecodeOptions::default()).unwrap().collect::<Result<_, _>>().unwrap();
+    let frames: Vec<_> = src.frames(&indices, DecodeOptions::default()).unwrap().collect::<Result<_, _>>().unwrap();
     assert_eq!(frames.len(), indices.len());
     for (f, &i) in frames.iter().zip(&indices) {
         assert_eq!(f.seq as usize, i);

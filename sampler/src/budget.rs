@@ -50,9 +50,7 @@ impl PixelBudget {
             None => computed,
         };
         if max < min {
-            return Err(SampleError::InvalidParameter(format!(
-                "min_pixels ({min}) is above max_pixels ({max})"
-            )));
+            return Err(SampleError::InvalidParameter(format!("min_pixels ({min}) is above max_pixels ({max})")));
         }
         Ok(PixelBudget { min_pixels: min, max_pixels: max })
     }
@@ -61,12 +59,7 @@ impl PixelBudget {
 /// qwen-vl-utils `smart_resize` (the image variant, also used per video frame): both sides become
 /// multiples of `factor`, the area lands in `[min_pixels, max_pixels]`, and the aspect ratio is
 /// kept as closely as possible. Returns `(height, width)`.
-pub fn smart_resize(
-    height: u32,
-    width: u32,
-    factor: u32,
-    budget: PixelBudget,
-) -> Result<(u32, u32), SampleError> {
+pub fn smart_resize(height: u32, width: u32, factor: u32, budget: PixelBudget) -> Result<(u32, u32), SampleError> {
     if height == 0 || width == 0 || factor == 0 {
         return Err(SampleError::FrameSize { width, height });
     }

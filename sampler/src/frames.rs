@@ -36,11 +36,7 @@ impl Default for FrameSelection {
 
 /// The number of frames to sample from `total_frames` frames at `video_fps`
 /// (qwen-vl-utils `smart_nframes`).
-pub fn smart_nframes(
-    selection: FrameSelection,
-    total_frames: usize,
-    video_fps: f64,
-) -> Result<usize, SampleError> {
+pub fn smart_nframes(selection: FrameSelection, total_frames: usize, video_fps: f64) -> Result<usize, SampleError> {
     let f = FRAME_FACTOR as f64;
     let nframes = match selection {
         FrameSelection::Count(n) => ((n as f64 / f).round_ties_even() * f) as usize,
@@ -100,9 +96,7 @@ pub fn frame_range(
         return Err(SampleError::InvalidRange("the clip has no frames".into()));
     }
     if !(video_fps.is_finite() && video_fps > 0.0) {
-        return Err(SampleError::InvalidParameter(format!(
-            "the clip's frame rate must be positive, got {video_fps}"
-        )));
+        return Err(SampleError::InvalidParameter(format!("the clip's frame rate must be positive, got {video_fps}")));
     }
     for (name, v) in [("video_start", video_start), ("video_end", video_end)] {
         if let Some(v) = v
@@ -180,10 +174,7 @@ mod tests {
 
     #[test]
     fn too_few_frames_is_an_error() {
-        assert!(matches!(
-            smart_nframes(FrameSelection::default(), 1, 30.0),
-            Err(SampleError::FrameCount { .. })
-        ));
+        assert!(matches!(smart_nframes(FrameSelection::default(), 1, 30.0), Err(SampleError::FrameCount { .. })));
         assert!(smart_nframes(FrameSelection::Count(0), 10, 30.0).is_err());
         assert!(smart_nframes(FrameSelection::Count(12), 10, 30.0).is_err());
         let sel = FrameSelection::Fps { fps: 0.0, min_frames: None, max_frames: None };

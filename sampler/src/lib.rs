@@ -50,7 +50,9 @@ pub enum SampleError {
     #[error("invalid time range: {0}")]
     InvalidRange(String),
     /// Too few frames to sample.
-    #[error("cannot sample {wanted} frames from a clip (or range) of {available} frames: need between 2 and {available}")]
+    #[error(
+        "cannot sample {wanted} frames from a clip (or range) of {available} frames: need between 2 and {available}"
+    )]
     FrameCount {
         /// Frames the sampling rule asked for.
         wanted: usize,

@@ -33,7 +33,7 @@ impl Clip {
 pub fn timestamps(frame_times: &[f64]) -> Vec<f64> {
     let mut t = frame_times.to_vec();
     if let Some(&last) = t.last() {
-        while t.len() % TEMPORAL_PATCH_SIZE != 0 {
+        while !t.len().is_multiple_of(TEMPORAL_PATCH_SIZE) {
             t.push(last);
         }
     }
@@ -63,7 +63,7 @@ impl ClipBuilder {
     /// A builder for frames of `height x width`; both must be multiples of 32.
     pub fn new(height: u32, width: u32) -> Result<Self, SampleError> {
         let unit = (PATCH_SIZE * MERGE_SIZE) as u32;
-        if height == 0 || width == 0 || height % unit != 0 || width % unit != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(unit) || !width.is_multiple_of(unit) {
             return Err(SampleError::FrameSize { width, height });
         }
         Ok(ClipBuilder { height: height as usize, width: width as usize, frames: Vec::new(), frame_times: Vec::new() })

@@ -114,10 +114,8 @@ mod tests {
         }
         let mut out = Vec::new();
         Resizer::new().resize_rgb(&src, w, h, 32, 32, &mut out).unwrap();
-        let interior: Vec<u8> = (4..28)
-            .flat_map(|y| (4..28).map(move |x| (y * 32 + x) * 3))
-            .map(|i| out[i as usize])
-            .collect();
+        let interior: Vec<u8> =
+            (4..28).flat_map(|y| (4..28).map(move |x| (y * 32 + x) * 3)).map(|i| out[i as usize]).collect();
         assert!(interior.iter().all(|&v| (120..=135).contains(&v)), "{interior:?}");
     }
 

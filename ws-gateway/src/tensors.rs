@@ -58,7 +58,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, TensorData<'
         let elems: usize = shape.iter().product();
         let per = if matches!(data, TensorData::F32(_)) { 4 } else { 8 };
         if elems * per != data.byte_len() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("tensor {name}: shape {shape:?} does not match its data")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tensor {name}: shape {shape:?} does not match its data"),
+            ));
         }
         header.insert(
             (*name).to_owned(),

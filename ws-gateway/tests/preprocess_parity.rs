@@ -50,8 +50,12 @@ fn clips_match_reference() {
     for case in cases {
         let name = case["case"].as_str().unwrap();
         let want = &case["reference"];
-        let got = sample_file(&root().join(case["clip"].as_str().unwrap()), &options(&case["params"]), DecodeOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = sample_file(
+            &root().join(case["clip"].as_str().unwrap()),
+            &options(&case["params"]),
+            DecodeOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         let idx: Vec<u64> = want["frame_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         let got_idx: Vec<u64> = got.plan.frame_indices.iter().map(|&i| i as u64).collect();
         assert_eq!(got_idx, idx, "{name}: frame indices");

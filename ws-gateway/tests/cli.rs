@@ -1,0 +1,102 @@
+//! `lookout sample` as a user runs it: output files, stdout JSON, and one-line errors.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lookout-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn lookout(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lookout")).args(args).output().unwrap()
+}
+
+#[test]
+fn sample_writes_tensors_and_reports_json() {
+    let clip = root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv");
+    let out = tmp("ok.safetensors");
+    let o = lookout(&[
+        "sample",
+        "--video",
+        clip.to_str().unwrap(),
+        "--fps",
+        "1",
+        "--min-pixels",
+        "4096",
+        "--max-pixels",
+        "30000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["frame_indices"], serde_json::json!([0, 33, 66, 99]));
+    assert_eq!(v["video_fps"], 25.0);
+    assert_eq!(v["total_num_frames"], 100);
+    let grid: Vec<usize> = v["grid_thw"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    assert_eq!(grid[0], 2);
+    assert_eq!(v["resized_height"].as_u64().unwrap() as usize, grid[1] * 16);
+    assert_eq!(v["resized_width"].as_u64().unwrap() as usize, grid[2] * 16);
+    assert_eq!(v["timestamps"].as_array().unwrap().len(), 2);
+
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let pv = st.tensor("pixel_values_videos").unwrap();
+    assert_eq!(pv.dtype(), safetensors::Dtype::F32);
+    assert_eq!(pv.shape(), &[grid.iter().product::<usize>(), 1536]);
+    let values: Vec<f32> = pv.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    assert!(values.iter().all(|x| (-1.0..=1.0).contains(x)));
+    assert!(values.iter().any(|&x| x != values[0]));
+    let g = st.tensor("video_grid_thw").unwrap();
+    assert_eq!(g.dtype(), safetensors::Dtype::I64);
+    assert_eq!(g.shape(), &[1, 3]);
+    let gv: Vec<i64> = g.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(gv, grid.iter().map(|&x| x as i64).collect::<Vec<_>>());
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let o = lookout(args);
+    assert!(!o.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line expected, got {stderr:?}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.to_lowercase().contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let clip = root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4");
+    let clip = clip.to_str().unwrap();
+    let out = tmp("bad.safetensors");
+    let out = out.to_str().unwrap();
+    let text = tmp("notes.mp4");
+    std::fs::write(&text, "not a video\n").unwrap();
+    let text = text.to_str().unwrap();
+
+    assert_one_line_error(&["sample", "--video", "/no/such/clip.mp4", "--out", out], "no such file");
+    assert_one_line_error(&["sample", "--video", text, "--out", out], "not a readable media file");
+    assert_one_line_error(
+        &["sample", "--video", clip, "--min-pixels", "50000", "--max-pixels", "40000", "--out", out],
+        "min_pixels",
+    );
+    assert_one_line_error(&["sample", "--video", clip, "--video-start", "5", "--out", out], "range");
+    assert_one_line_error(
+        &["sample", "--video", clip, "--video-start", "0.5", "--video-end", "0.2", "--out", out],
+        "range",
+    );
+    assert_one_line_error(&["sample", "--video", clip, "--nframes", "0", "--out", out], "frames");
+    assert_one_line_error(&["sample", "--video", clip, "--nframes", "100", "--out", out], "frames");
+    assert_one_line_error(&["sample", "--video", clip, "--fps", "1", "--nframes", "4", "--out", out], "cannot be used");
+    assert_one_line_error(&["sample", "--video", clip, "--fps=-2", "--out", out], "fps");
+    assert_one_line_error(&["sample", "--video", clip, "--out", "/no/such/dir/x.safetensors"], "cannot write");
+}

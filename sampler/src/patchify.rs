@@ -107,39 +107,43 @@ impl ClipBuilder {
         let mut out = vec![0f32; rows * PATCH_DIM];
         let lut = normalize_table();
         let last = self.frames.len() - 1;
-        let mut row = 0usize;
-        for gt in 0..grid_t {
-            let pair = [&self.frames[(2 * gt).min(last)], &self.frames[(2 * gt + 1).min(last)]];
-            for bh in 0..grid_h / MERGE_SIZE {
-                for bw in 0..grid_w / MERGE_SIZE {
-                    for ih in 0..MERGE_SIZE {
-                        for iw in 0..MERGE_SIZE {
-                            let y0 = (bh * MERGE_SIZE + ih) * PATCH_SIZE;
-                            let x0 = (bw * MERGE_SIZE + iw) * PATCH_SIZE;
-                            let dst = &mut out[row * PATCH_DIM..(row + 1) * PATCH_DIM];
-                            write_patch(dst, pair, w, y0, x0, &lut);
-                            row += 1;
-                        }
-                    }
-                }
-            }
+        let group = grid_h * grid_w * PATCH_DIM;
+        for (gt, dst) in out.chunks_exact_mut(group).enumerate() {
+            let pair = [&self.frames[(2 * gt).min(last)][..], &self.frames[(2 * gt + 1).min(last)][..]];
+            patchify_pair(dst, pair, grid_h, grid_w, w, &lut);
         }
         let timestamps = timestamps(&self.frame_times);
         Ok(Clip { pixel_values: out, grid_thw: [grid_t, grid_h, grid_w], frame_times: self.frame_times, timestamps })
     }
 }
 
-/// One patch row: column `((c * 2 + tt) * 16 + py) * 16 + px`.
-fn write_patch(dst: &mut [f32], pair: [&Vec<u8>; 2], width: usize, y0: usize, x0: usize, lut: &[f32; 256]) {
-    for (tt, frame) in pair.iter().enumerate() {
-        for py in 0..PATCH_SIZE {
-            let start = ((y0 + py) * width + x0) * 3;
-            let src = &frame[start..start + PATCH_SIZE * 3];
-            for c in 0..3 {
-                let base = ((c * TEMPORAL_PATCH_SIZE + tt) * PATCH_SIZE + py) * PATCH_SIZE;
-                let d = &mut dst[base..base + PATCH_SIZE];
-                for (px, v) in d.iter_mut().enumerate() {
-                    *v = lut[src[px * 3 + c] as usize];
+/// Writes the patch rows of one temporal group, in block-major order (2x2 merge units
+/// contiguous). Each row's column is `((c * 2 + tt) * 16 + py) * 16 + px`.
+#[multiversion::multiversion(targets("x86_64+avx2"))]
+fn patchify_pair(dst: &mut [f32], pair: [&[u8]; 2], grid_h: usize, grid_w: usize, width: usize, lut: &[f32; 256]) {
+    let mut rows = dst.chunks_exact_mut(PATCH_DIM);
+    for bh in 0..grid_h / MERGE_SIZE {
+        for bw in 0..grid_w / MERGE_SIZE {
+            for ih in 0..MERGE_SIZE {
+                for iw in 0..MERGE_SIZE {
+                    let Some(row) = rows.next() else { return };
+                    let y0 = (bh * MERGE_SIZE + ih) * PATCH_SIZE;
+                    let x0 = (bw * MERGE_SIZE + iw) * PATCH_SIZE;
+                    let mut cols = row.chunks_exact_mut(PATCH_SIZE);
+                    for c in 0..3 {
+                        for frame in pair {
+                            for py in 0..PATCH_SIZE {
+                                let start = ((y0 + py) * width + x0) * 3;
+                                let src: &[u8; PATCH_SIZE * 3] = frame[start..start + PATCH_SIZE * 3]
+                                    .try_into()
+                                    .expect("a patch row lies inside the frame");
+                                let Some(d) = cols.next() else { return };
+                                for (px, v) in d.iter_mut().enumerate() {
+                                    *v = lut[src[px * 3 + c] as usize];
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

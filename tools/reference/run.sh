@@ -11,4 +11,7 @@ if ! cmp -s "$here/requirements.txt" "$venv/.lookout-requirements"; then
   cp "$here/requirements.txt" "$venv/.lookout-requirements"
 fi
 script=$1; shift
+if [ "$script" = "-" ]; then
+  exec "$venv/bin/python" - "$@"
+fi
 exec "$venv/bin/python" "$here/$script" "$@"

@@ -35,6 +35,7 @@ pub fn sample_file(path: &Path, opts: &SampleOptions, decode: DecodeOptions) -> 
     let info = source.info().clone();
     let meta = VideoMeta { total_frames: info.frame_count, fps: info.fps, width: info.width, height: info.height };
     let plan = plan_clip(opts, &meta)?;
+    let started = std::time::Instant::now();
     let mut builder = ClipBuilder::new(plan.resized_height, plan.resized_width)?;
     let mut resizer = Resizer::new();
     for frame in source.frames(&plan.frame_indices, decode)? {
@@ -46,6 +47,13 @@ pub fn sample_file(path: &Path, opts: &SampleOptions, decode: DecodeOptions) -> 
     if builder.len() != plan.frame_indices.len() {
         return Err(SampleError::FrameCount { wanted: plan.frame_indices.len(), available: builder.len() }.into());
     }
+    let decoded = started.elapsed();
     let clip = builder.finish()?;
+    tracing::debug!(
+        decode_resize_ms = decoded.as_millis() as u64,
+        patchify_ms = (started.elapsed() - decoded).as_millis() as u64,
+        frames = plan.frame_indices.len(),
+        "clip sampled"
+    );
     Ok(SampledClip { info, plan, clip })
 }

@@ -29,24 +29,21 @@ impl TensorData<'_> {
     }
 
     fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(1 << 16);
+        // safetensors is little-endian; on little-endian hosts the values are written as they lie.
+        #[cfg(target_endian = "little")]
         match self {
-            TensorData::F32(v) => {
-                for chunk in v.chunks(1 << 14) {
-                    buf.clear();
-                    chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-                    w.write_all(&buf)?;
-                }
-            }
-            TensorData::I64(v) => {
-                for chunk in v.chunks(1 << 13) {
-                    buf.clear();
-                    chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-                    w.write_all(&buf)?;
-                }
-            }
+            TensorData::F32(v) => w.write_all(bytemuck::cast_slice(v)),
+            TensorData::I64(v) => w.write_all(bytemuck::cast_slice(v)),
         }
-        Ok(())
+        #[cfg(not(target_endian = "little"))]
+        {
+            let mut buf = Vec::with_capacity(1 << 16);
+            match self {
+                TensorData::F32(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                TensorData::I64(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+            }
+            w.write_all(&buf)
+        }
     }
 }
 
@@ -79,6 +76,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, TensorData<'
     for (_, _, data) in tensors {
         data.write_to(&mut w)?;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+    w.into_inner().map_err(|e| e.into_error())?;
     Ok(())
 }

@@ -63,8 +63,8 @@ impl Taps {
                 *wj = cubic((j as f64 + xmin as f64 - center + 0.5) * invscale);
                 total += *wj;
             }
-            for j in 0..n {
-                t.weights[i * stride + j] = if total != 0.0 { (w[j] / total) as f32 } else { 0.0 };
+            for (dst, &wj) in t.weights[i * stride..i * stride + n].iter_mut().zip(&w) {
+                *dst = if total != 0.0 { (wj / total) as f32 } else { 0.0 };
             }
             t.start.push(xmin);
             t.len.push(n);

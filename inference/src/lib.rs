@@ -1,5 +1,76 @@
 //! Qwen3-VL on candle: the vision tower, the text decoder, the processor and the streaming engine.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout. Nothing in Lookout
-//! runs a model today; `lookout sample` stops at the model's input tensors.
-#![forbid(unsafe_code)]
+//! - [`files::ModelFiles`] finds a checkpoint in the Hugging Face layout (a local directory or a
+//!   Hub id), [`config::Config`] reads `config.json` in both serializer layouts.
+//! - [`model::Qwen3VL`] is the model: [`vision::VisionModel`] (patch embedding, interpolated
+//!   learned positions, 2-D rotary attention within each frame pair, mergers, DeepStack taps) and
+//!   [`text::TextModel`] (interleaved MRoPE, q/k RMSNorm, GQA, DeepStack injection, a growing KV
+//!   cache).
+//! - [`processor::Processor`] renders the chat template, expands video placeholders with their
+//!   timestamps, tokenizes and computes 3-D positions ([`positions`]).
+//! - [`engine::Engine`] owns a loaded model on its own thread and streams [`engine::EngineEvent`]s
+//!   for each request.
+//!
+//! Everything follows `reference/qwen3-vl.md` and is checked against transformers 5.24.0 by the
+//! tests in `tests/`.
+#![deny(unsafe_code)]
+#![forbid(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod files;
+pub mod model;
+mod ops;
+pub mod positions;
+pub mod processor;
+pub mod sampling;
+pub mod text;
+pub mod vision;
+
+pub use device::{DeviceChoice, parse_dtype};
+pub use engine::{
+    Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Request, Timings, Usage, VideoInput,
+};
+
+/// Everything that can go wrong in this crate, by fault.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The checkpoint's files are missing or unreadable.
+    #[error("model files: {0}")]
+    Files(String),
+    /// The Hub could not be reached.
+    #[error("{0}")]
+    Hub(String),
+    /// `config.json` is invalid or unsupported.
+    #[error("model config: {0}")]
+    Config(String),
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template failed.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The request does not fit the model.
+    #[error("invalid request: {0}")]
+    Input(String),
+    /// The device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
+    /// A tensor operation failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// The request queue is full.
+    #[error("the engine queue is full ({0} requests waiting); try again later")]
+    QueueFull(usize),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.to_string())
+    }
+}

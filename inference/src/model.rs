@@ -1,0 +1,120 @@
+//! Qwen3-VL: the vision tower and the text decoder joined by placeholder merge and DeepStack.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::Config;
+use crate::positions::{PromptPositions, TokenKind};
+use crate::text::{KvCache, TextModel};
+use crate::vision::{VisionModel, VisionOutput};
+
+/// The whole model. Inference state lives in [`KvCache`]s owned by the caller, so one loaded
+/// model can serve several sequences.
+#[derive(Debug)]
+pub struct Qwen3VL {
+    /// The vision tower.
+    pub vision: VisionModel,
+    /// The text decoder.
+    pub text: TextModel,
+    cfg: Config,
+    device: Device,
+    dtype: DType,
+}
+
+impl Qwen3VL {
+    /// Builds the model from checkpoint tensors (`model.visual.*`, `model.language_model.*`,
+    /// `lm_head.*`).
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let vision = VisionModel::new(&cfg.vision_config, vb.pp("model.visual"))?;
+        let text = TextModel::new(
+            &cfg.text_config,
+            cfg.tie_word_embeddings(),
+            vb.pp("model.language_model"),
+            vb.pp("lm_head"),
+        )?;
+        Ok(Qwen3VL { vision, text, cfg: cfg.clone(), device: vb.device().clone(), dtype: vb.dtype() })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.text.num_layers())
+    }
+
+    /// Encodes video patch rows (`rows x 1536`) for the given grids.
+    pub fn encode_video(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<VisionOutput> {
+        self.vision.forward(&pixel_values.to_device(&self.device)?, grids)
+    }
+
+    /// Runs the prompt (`ids`, with `kinds` marking video placeholders in order) into an empty
+    /// `cache` and returns the logits of the last position (f32, `(vocab,)`).
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        kinds: &[TokenKind],
+        positions: &PromptPositions,
+        vision: Option<&VisionOutput>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if !cache.is_empty() {
+            candle_core::bail!("prefill needs an empty cache");
+        }
+        let n = ids.len();
+        let mut x = self.text.embed(ids)?;
+        let visual: Vec<usize> =
+            kinds.iter().enumerate().filter(|(_, k)| **k != TokenKind::Text).map(|(i, _)| i).collect();
+        let mut deepstack = Vec::new();
+        if let Some(v) = vision {
+            let rows = v.embeds.dim(0)?;
+            if rows != visual.len() {
+                candle_core::bail!("{} visual placeholders but the vision tower produced {rows} tokens", visual.len());
+            }
+            // Row i of `gather` picks vision row `ordinal` for placeholder positions and the
+            // appended zero row elsewhere: one index_select scatters features into sequence order.
+            let mut gather = vec![rows as u32; n];
+            for (ordinal, &pos) in visual.iter().enumerate() {
+                gather[pos] = ordinal as u32;
+            }
+            let gather = Tensor::from_vec(gather, n, &self.device)?;
+            let mask: Vec<u8> = kinds.iter().map(|k| u8::from(*k != TokenKind::Text)).collect();
+            let mask = Tensor::from_vec(mask, (n, 1), &self.device)?;
+            let dtype = x.dtype();
+            let spread = |t: &Tensor| -> Result<Tensor> {
+                let t = t.to_dtype(dtype)?;
+                let zero = Tensor::zeros((1, t.dim(1)?), t.dtype(), t.device())?;
+                Tensor::cat(&[&t, &zero], 0)?.index_select(&gather, 0)
+            };
+            let merged = spread(&v.embeds)?;
+            x = mask.broadcast_as(x.shape())?.where_cond(&merged, &x)?;
+            deepstack = v.deepstack.iter().map(spread).collect::<Result<Vec<_>>>()?;
+        } else if !visual.is_empty() {
+            candle_core::bail!("the prompt has visual placeholders but no vision input");
+        }
+        let rope = self.text.rope([&positions.axes[0], &positions.axes[1], &positions.axes[2]])?;
+        let h = self.text.forward(&x, &rope, cache, &deepstack)?;
+        self.text.logits(&h)
+    }
+
+    /// Feeds one generated token at absolute position `position` and returns the next logits.
+    pub fn decode(&self, token: u32, position: i64, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.text.embed(&[token])?;
+        let p = [position];
+        let rope = self.text.rope([&p, &p, &p])?;
+        let h = self.text.forward(&x, &rope, cache, &[])?;
+        self.text.logits(&h)
+    }
+}

@@ -1,0 +1,106 @@
+//! Small numerical building blocks, each computed in the precision the reference uses.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A linear layer `x W^T (+ b)` with weights in the model dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn load(vb: VarBuilder<'_>, inp: usize, out: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out, inp), "weight")?;
+        let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub(crate) fn from_weight(weight: Tensor) -> Self {
+        Linear { weight, bias: None }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.dims() {
+            [b, n, k] => x.reshape((b * n, *k))?.matmul(&self.weight.t()?)?.reshape((*b, *n, ()))?,
+            _ => x.matmul(&self.weight.t()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm as torch computes it for any input dtype: statistics, normalization and the affine
+/// part in f32, one cast back at the end.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?.to_dtype(dtype)
+    }
+}
+
+/// Qwen3 RMSNorm: `x * rsqrt(mean(x^2) + eps)` in f32, cast back to the input dtype, then times
+/// the weight (in the input dtype).
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get(dim, "weight")?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+        y.broadcast_mul(&self.weight)
+    }
+}
+
+/// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last dimension.
+pub(crate) fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `softmax(x)` along the last dimension computed in f32, cast back to `x`'s dtype (torch eager
+/// attention: `softmax(..., dtype=float32).to(query.dtype)`).
+pub(crate) fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}

@@ -1,0 +1,310 @@
+//! The Qwen3-VL text decoder: interleaved MRoPE, q/k RMSNorm, GQA, causal prefill, DeepStack
+//! injection, and a KV cache that grows as needed.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::TextConfig;
+use crate::ops::{Linear, RmsNorm, rotate_half, softmax_f32};
+
+/// Keys and values of one sequence for every layer. Capacity grows geometrically; dropping the
+/// cache frees it.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` decoder layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers], len: 0, cap: 0 }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every token (keeps no memory).
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+        self.cap = 0;
+    }
+
+    /// Appends `k`, `v` (`(1, kv_heads, n, head_dim)`) for `layer` and returns the whole cached
+    /// keys and values. Every layer appends the same `n` per step; the length advances when the
+    /// last layer has appended.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, last_layer: bool) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let need = self.len + n;
+        if need > self.cap {
+            let cap = need.max(self.cap * 2).max(256).next_multiple_of(256);
+            for slot in self.layers.iter_mut().flatten() {
+                let (ok, ov) = slot;
+                let grow = |t: &Tensor| -> Result<Tensor> {
+                    let (b, h, _, d) = t.dims4()?;
+                    let z = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+                    z.slice_set(&t.narrow(2, 0, self.len)?, 2, 0)?;
+                    Ok(z)
+                };
+                *slot = (grow(ok)?, grow(ov)?);
+            }
+            self.cap = cap;
+        }
+        let slot = &mut self.layers[layer];
+        if slot.is_none() {
+            let (b, h, _, d) = k.dims4()?;
+            *slot = Some((
+                Tensor::zeros((b, h, self.cap, d), k.dtype(), k.device())?,
+                Tensor::zeros((b, h, self.cap, d), v.dtype(), v.device())?,
+            ));
+        }
+        let (ck, cv) = slot.as_ref().ok_or_else(|| candle_core::Error::Msg("kv slot".into()))?;
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let out = (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?);
+        if last_layer {
+            self.len = need;
+        }
+        Ok(out)
+    }
+}
+
+/// Interleaved MRoPE tables for a run of positions: `cos`/`sin` of `(n, head_dim)` in the model
+/// dtype.
+#[derive(Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Layer {
+    attn: Attention,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// The decoder stack with its embedding, final norm and head.
+pub struct TextModel {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    head: Linear,
+    inv_freq: Vec<f32>,
+    /// Frequency index -> axis (0 = T, 1 = H, 2 = W).
+    axis_of: Vec<usize>,
+    head_dim: usize,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for TextModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextModel").field("layers", &self.layers.len()).finish_non_exhaustive()
+    }
+}
+
+impl TextModel {
+    /// Loads `model.language_model.*` (and the head from `lm_head` or the tied embedding).
+    pub fn new(cfg: &TextConfig, tie: bool, vb: VarBuilder<'_>, head_vb: VarBuilder<'_>) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let eps = cfg.rms_norm_eps;
+        let embed = vb.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let bias = cfg.attention_bias;
+            layers.push(Layer {
+                attn: Attention {
+                    q: Linear::load(a.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
+                    k: Linear::load(a.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?,
+                    v: Linear::load(a.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?,
+                    o: Linear::load(a.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?,
+                    q_norm: RmsNorm::load(a.pp("q_norm"), hd, eps)?,
+                    k_norm: RmsNorm::load(a.pp("k_norm"), hd, eps)?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_key_value_heads,
+                    head_dim: hd,
+                },
+                gate: Linear::load(l.pp("mlp.gate_proj"), h, cfg.intermediate_size, false)?,
+                up: Linear::load(l.pp("mlp.up_proj"), h, cfg.intermediate_size, false)?,
+                down: Linear::load(l.pp("mlp.down_proj"), cfg.intermediate_size, h, false)?,
+                input_norm: RmsNorm::load(l.pp("input_layernorm"), h, eps)?,
+                post_norm: RmsNorm::load(l.pp("post_attention_layernorm"), h, eps)?,
+            });
+        }
+        let norm = RmsNorm::load(vb.pp("norm"), h, eps)?;
+        let head = if tie {
+            Linear::from_weight(embed.clone())
+        } else {
+            Linear::from_weight(head_vb.get((cfg.vocab_size, h), "weight")?)
+        };
+        let theta = cfg.rope_theta() as f32;
+        let inv_freq: Vec<f32> = (0..hd).step_by(2).map(|j| 1.0 / theta.powf(j as f32 / hd as f32)).collect();
+        let sec = cfg.mrope_section();
+        let axis_of = (0..hd / 2)
+            .map(|j| match j % 3 {
+                1 if j < 3 * sec[1] => 1,
+                2 if j < 3 * sec[2] => 2,
+                _ => 0,
+            })
+            .collect();
+        Ok(TextModel {
+            embed,
+            layers,
+            norm,
+            head,
+            inv_freq,
+            axis_of,
+            head_dim: hd,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings `(n, hidden)`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    /// MRoPE tables for positions `pos[axis][i]` (T, H, W).
+    pub fn rope(&self, pos: [&[i64]; 3]) -> Result<Rope> {
+        let n = pos[0].len();
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(n * self.head_dim);
+        let mut sin = Vec::with_capacity(n * self.head_dim);
+        let mut angles = vec![0f32; half];
+        for i in 0..n {
+            for (j, a) in angles.iter_mut().enumerate() {
+                *a = pos[self.axis_of[j]][i] as f32 * self.inv_freq[j];
+            }
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, self.head_dim), &self.device)?.to_dtype(self.dtype)?,
+            sin: Tensor::from_vec(sin, (n, self.head_dim), &self.device)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Runs the stack over `x` (`(n, hidden)` embeddings) appended to `cache`, adding
+    /// `deepstack[k]` (a full `(n, hidden)` tensor, zero off the visual rows) after layer `k`.
+    /// Returns the final-normed hidden state of the last position, `(1, hidden)`.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, deepstack: &[Tensor]) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let past = cache.len();
+        let mask = if n > 1 { Some(causal_mask(n, past, &self.device)?) } else { None };
+        let mut h = x.unsqueeze(0)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let r = h.clone();
+            let a = layer.attn.forward(&layer.input_norm.forward(&h)?, rope, cache, i, i == last, mask.as_ref())?;
+            h = (r + a)?;
+            let r = h.clone();
+            let m = layer.post_norm.forward(&h)?;
+            let m = layer.down.forward(&(layer.gate.forward(&m)?.silu()? * layer.up.forward(&m)?)?)?;
+            h = (r + m)?;
+            if let Some(ds) = deepstack.get(i) {
+                h = h.broadcast_add(&ds.to_dtype(h.dtype())?.unsqueeze(0)?)?;
+            }
+        }
+        let h = h.i((0, n - 1..n))?;
+        self.norm.forward(&h)
+    }
+
+    /// Logits `(vocab,)` in f32 for a final hidden state `(1, hidden)`.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        self.head.forward(h)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive causal mask `(n, past + n)` in f32: 0 where visible, -inf above the diagonal.
+fn causal_mask(n: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let total = past + n;
+    let mask: Vec<f32> =
+        (0..n).flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (n, total), device)
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        last_layer: bool,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let q = self.q_norm.forward(&self.q.forward(x)?.reshape((b, n, self.heads, hd))?)?.transpose(1, 2)?;
+        let k = self.k_norm.forward(&self.k.forward(x)?.reshape((b, n, self.kv_heads, hd))?)?.transpose(1, 2)?;
+        let v = self.v.forward(x)?.reshape((b, n, self.kv_heads, hd))?.transpose(1, 2)?;
+        let cos = rope.cos.unsqueeze(0)?.unsqueeze(0)?;
+        let sin = rope.sin.unsqueeze(0)?.unsqueeze(0)?;
+        let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+        let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+        let (k, v) = cache.append(layer, &k, &v, last_layer)?;
+        let total = k.dim(2)?;
+        // GQA without copying K/V: fold the query heads that share a KV head into the rows.
+        let rep = self.heads / self.kv_heads;
+        let q = q.contiguous()?.reshape((b, self.kv_heads, rep * n, hd))?;
+        let att = (q.matmul(&k.contiguous()?.t()?)? * (hd as f64).powf(-0.5))?;
+        let att = att.reshape((b, self.heads, n, total))?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(&m.to_dtype(att.dtype())?)?,
+            None => att,
+        };
+        let att = softmax_f32(&att)?.reshape((b, self.kv_heads, rep * n, total))?;
+        let o = att.matmul(&v.contiguous()?)?.reshape((b, self.heads, n, hd))?;
+        let o = o.transpose(1, 2)?.reshape((b, n, self.heads * hd))?;
+        self.o.forward(&o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_shape() {
+        let m = causal_mask(2, 3, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(v[1], vec![0.0; 5]);
+    }
+}

@@ -230,7 +230,7 @@ impl Config {
         let bad = |m: String| Err(Error::Config(m));
         if t.num_attention_heads == 0
             || t.num_key_value_heads == 0
-            || t.num_attention_heads % t.num_key_value_heads != 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
         {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -250,7 +250,7 @@ impl Config {
         if t.hidden_act != "silu" {
             return bad(format!("text hidden_act {:?} is not supported (only silu)", t.hidden_act));
         }
-        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+        if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) || !v.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "vision hidden_size {} / num_heads {} must give a head size divisible by 4",
                 v.hidden_size, v.num_heads

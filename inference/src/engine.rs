@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,19 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Also report the prompt ids and the prefill logits (for parity dumps).
     pub capture: bool,
+    /// Keep going past end-of-sequence tokens (benchmarks with a fixed length).
+    pub ignore_eos: bool,
+}
+
+/// Counters of what the engine did.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests that finished.
+    pub completed: AtomicU64,
+    /// Requests dropped by their client (while queued or while generating).
+    pub cancelled: AtomicU64,
+    /// Requests that failed.
+    pub failed: AtomicU64,
 }
 
 /// A request to the engine.
@@ -173,6 +187,7 @@ pub struct Engine {
     queue: usize,
     info: Arc<EngineInfo>,
     processor: Arc<Processor>,
+    stats: Arc<EngineStats>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -185,6 +200,7 @@ struct Worker {
     model: Qwen3VL,
     processor: Arc<Processor>,
     eos: Vec<u32>,
+    stats: Arc<EngineStats>,
 }
 
 impl Engine {
@@ -193,10 +209,12 @@ impl Engine {
         let (ready_tx, ready_rx) = sync_channel::<Result<(Arc<EngineInfo>, Arc<Processor>), Error>>(1);
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(opts.queue.max(1));
         let queue = opts.queue.max(1);
+        let stats = Arc::new(EngineStats::default());
+        let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| Worker::load(&opts)))
+                let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| Worker::load(&opts, worker_stats)))
                     .unwrap_or_else(|_| Err(Error::Model("loading the model panicked".into())));
                 match loaded {
                     Ok((worker, info)) => {
@@ -210,7 +228,12 @@ impl Engine {
             })
             .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
         let (info, processor) = ready_rx.recv().map_err(|_| Error::Stopped)??;
-        Ok(Engine { jobs: jobs_tx, queue, info, processor })
+        Ok(Engine { jobs: jobs_tx, queue, info, processor, stats })
+    }
+
+    /// What the engine has done so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// Facts about the loaded model.
@@ -246,7 +269,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl Worker {
-    fn load(opts: &LoadOptions) -> Result<(Worker, Arc<EngineInfo>), Error> {
+    fn load(opts: &LoadOptions, stats: Arc<EngineStats>) -> Result<(Worker, Arc<EngineInfo>), Error> {
         let device = opts.device.open()?;
         let files = ModelFiles::resolve(&opts.model)?;
         let cfg = Config::from_json(
@@ -261,12 +284,11 @@ impl Worker {
         let model =
             Qwen3VL::new(&cfg, vb).map_err(|e| Error::Files(format!("the weights do not fit config.json: {e}")))?;
         let mut eos = files.generation.eos_token_id.clone();
-        if eos.is_empty() {
-            if let Some(id) =
+        if eos.is_empty()
+            && let Some(id) =
                 files.tokenizer_config["eos_token"].as_str().and_then(|t| processor.tokenizer().token_to_id(t))
-            {
-                eos.push(id);
-            }
+        {
+            eos.push(id);
         }
         if eos.is_empty() {
             return Err(Error::Config(
@@ -284,22 +306,31 @@ impl Worker {
             generation: files.generation.clone(),
         });
         tracing::info!(model = %opts.model, device = %info.device, dtype = %info.dtype, "model loaded");
-        Ok((Worker { model, processor, eos }, info))
+        Ok((Worker { model, processor, eos, stats }, info))
     }
 
     fn run(self, jobs: Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
             if job.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue; // cancelled while queued
             }
             let events = job.events.clone();
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(job)));
             let error = match outcome {
-                Ok(Ok(())) => None,
+                Ok(Ok(())) if events.is_closed() => {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Ok(Ok(())) => {
+                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
                 Ok(Err(e)) => Some(e),
                 Err(_) => Some(Error::Model("the engine hit an internal error on this request".into())),
             };
             if let Some(error) = error {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "request failed");
                 let _ = events.send(EngineEvent::Failed { error });
             }
@@ -363,8 +394,8 @@ impl Worker {
         let mut ttft_ms = 0.0;
         let mut first_at = None;
         let mut finish = FinishReason::Length;
-        let mut position = prompt.ids.len() as i64 + prompt.positions.rope_delta;
-        'generate: for step in 0..params.max_tokens {
+        let first_position = prompt.ids.len() as i64 + prompt.positions.rope_delta;
+        'generate: for (step, position) in (0..params.max_tokens).zip(first_position..) {
             if job.events.is_closed() {
                 return Ok(()); // cancelled: the cache is dropped here
             }
@@ -374,7 +405,7 @@ impl Worker {
                 ttft_ms = ms(started.elapsed());
                 first_at = Some(Instant::now());
             }
-            if self.eos.contains(&token) {
+            if !params.ignore_eos && self.eos.contains(&token) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -393,7 +424,6 @@ impl Worker {
                 break;
             }
             logits = self.model.decode(token, position, &mut cache)?.to_vec1()?;
-            position += 1;
         }
         if finish == FinishReason::Length || !stops.hit {
             let mut rest = stream.flush()?.unwrap_or_default();

@@ -205,9 +205,10 @@ impl TextModel {
         let mut cos = Vec::with_capacity(n * self.head_dim);
         let mut sin = Vec::with_capacity(n * self.head_dim);
         let mut angles = vec![0f32; half];
-        for i in 0..n {
-            for (j, a) in angles.iter_mut().enumerate() {
-                *a = pos[self.axis_of[j]][i] as f32 * self.inv_freq[j];
+        for ((t, h), w) in pos[0].iter().zip(pos[1]).zip(pos[2]) {
+            let p = [*t, *h, *w];
+            for ((a, &axis), f) in angles.iter_mut().zip(&self.axis_of).zip(&self.inv_freq) {
+                *a = p[axis] as f32 * f;
             }
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));

@@ -57,3 +57,14 @@ pub fn sample_file(path: &Path, opts: &SampleOptions, decode: DecodeOptions) -> 
     );
     Ok(SampledClip { info, plan, clip })
 }
+
+impl SampledClip {
+    /// The clip as the engine takes it (moves the pixel data).
+    pub fn into_video_input(self) -> inference::VideoInput {
+        inference::VideoInput {
+            pixel_values: self.clip.pixel_values,
+            grid_thw: self.clip.grid_thw,
+            timestamps: self.clip.timestamps,
+        }
+    }
+}

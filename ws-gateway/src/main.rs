@@ -20,6 +20,98 @@ struct Cli {
 enum Command {
     /// Preprocess a clip into the tensors Qwen3-VL consumes (reference parity with qwen-vl-utils).
     Sample(SampleArgs),
+    /// Ask Qwen3-VL about a clip and stream the answer to stdout.
+    Analyze(Box<AnalyzeArgs>),
+}
+
+#[derive(Args)]
+struct AnalyzeArgs {
+    /// A local checkpoint directory (Hugging Face layout) or a Hub id such as Qwen/Qwen3-VL-2B-Instruct.
+    #[arg(long)]
+    model: String,
+    /// The video file.
+    #[arg(long)]
+    video: PathBuf,
+    /// The question.
+    #[arg(long)]
+    prompt: String,
+    /// An optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingFlags,
+    #[command(flatten)]
+    generation: GenerationFlags,
+    /// Weight and activation dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write input_ids, logits_last and generated_ids to this safetensors file.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+/// Generation flags; the model's generation_config.json supplies the defaults.
+#[derive(Args, Debug, Clone)]
+struct GenerationFlags {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Greedy decoding (overrides the sampling flags).
+    #[arg(long)]
+    greedy: bool,
+    /// Sampling temperature (0 is greedy).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Repetition penalty over prompt and output (1 is off).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Presence penalty over the output (0 is off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 3407)]
+    seed: u64,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl GenerationFlags {
+    fn params(&self, defaults: &inference::files::GenerationConfig, capture: bool) -> inference::GenerationParams {
+        let sample = !self.greedy && defaults.do_sample.unwrap_or(false) || self.temperature.is_some_and(|t| t > 0.0);
+        let sampling = if !sample || self.greedy {
+            inference::sampling::SamplingParams {
+                repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+                presence_penalty: self.presence_penalty,
+                ..inference::sampling::SamplingParams::greedy()
+            }
+        } else {
+            inference::sampling::SamplingParams {
+                temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
+                top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
+                top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+                repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
+                presence_penalty: self.presence_penalty,
+                seed: self.seed,
+            }
+        };
+        inference::GenerationParams {
+            sampling,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            capture,
+            ignore_eos: false,
+        }
+    }
 }
 
 /// Sampling flags, with the reference defaults when left out.
@@ -110,6 +202,68 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let decode = ingest::DecodeOptions { threads: args.sampling.decode_threads, ..Default::default() };
+    // Check the clip before spending time on the model.
+    let clip = sample_file(&args.video, &args.sampling.options(), decode)?;
+    let engine = inference::Engine::load(inference::LoadOptions {
+        model: args.model.clone(),
+        device: args.device.parse()?,
+        dtype: inference::parse_dtype(&args.dtype)?,
+        queue: 1,
+    })?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(inference::processor::Message::text("system", system));
+    }
+    messages.push(inference::processor::Message::user_video(&args.prompt));
+    let generation = args.generation.params(&engine.info().generation, args.dump.is_some());
+    let request = inference::Request { messages, videos: vec![clip.into_video_input()], generation };
+    let mut events = engine.submit(request)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut captured = None;
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            inference::EngineEvent::Queued => {}
+            inference::EngineEvent::Captured { input_ids, logits } => captured = Some((input_ids, logits)),
+            inference::EngineEvent::Token { text } => {
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            inference::EngineEvent::Done { finish_reason, token_ids, usage, timings, .. } => {
+                writeln!(stdout)?;
+                tracing::info!(
+                    finish_reason = finish_reason.as_str(),
+                    prompt_tokens = usage.prompt_tokens,
+                    completion_tokens = usage.completion_tokens,
+                    vision_ms = timings.vision_ms,
+                    prefill_ms = timings.prefill_ms,
+                    ttft_ms = timings.ttft_ms,
+                    decode_tok_s = timings.decode_tok_s,
+                    "done"
+                );
+                if let (Some(path), Some((input_ids, logits))) = (&args.dump, captured.take()) {
+                    let ids: Vec<i64> = input_ids.iter().map(|&i| i as i64).collect();
+                    let generated: Vec<i64> = token_ids.iter().map(|&i| i as i64).collect();
+                    write_safetensors(
+                        path,
+                        &[
+                            ("input_ids", vec![ids.len()], TensorData::I64(&ids)),
+                            ("logits_last", vec![logits.len()], TensorData::F32(&logits)),
+                            ("generated_ids", vec![generated.len()], TensorData::I64(&generated)),
+                        ],
+                    )
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                }
+                return Ok(());
+            }
+            inference::EngineEvent::Failed { error } => return Err(error.into()),
+        }
+    }
+    anyhow::bail!("the engine stopped before answering")
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOOKOUT_LOG").unwrap_or_else(|_| "warn".into()))
@@ -132,6 +286,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Sample(args) => sample(args),
+        Command::Analyze(args) => analyze(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,162 @@
+//! The engine as a service uses it: streamed events, cancellation, a bounded queue, and failures
+//! that stay with their request.
+
+mod common;
+
+use common::*;
+use inference::engine::EngineEvent;
+use inference::processor::Message;
+use inference::sampling::SamplingParams;
+use inference::{DeviceChoice, Engine, GenerationParams, LoadOptions, Request, VideoInput};
+
+fn engine(name: &str, queue: usize) -> Engine {
+    Engine::load(LoadOptions {
+        model: model_dir(name).to_str().unwrap().into(),
+        device: DeviceChoice::Cpu,
+        dtype: candle_core::DType::F32,
+        queue,
+    })
+    .unwrap()
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams { sampling: SamplingParams::greedy(), max_tokens, stop: vec![], capture: true, ignore_eos: false }
+}
+
+#[test]
+fn streams_tokens_that_add_up_to_the_answer() {
+    let e = engine("tiny-untied", 4);
+    let all = cases();
+    let case = &all["models"]["tiny-untied"][2]; // text only
+    let r = Reference::load("tiny-untied", "text_only");
+    let mut rx = e.submit(Request { messages: messages(case), videos: vec![], generation: greedy(16) }).unwrap();
+    assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Queued)));
+    let mut streamed = String::new();
+    let mut captured = false;
+    loop {
+        match rx.blocking_recv().expect("stream ended early") {
+            EngineEvent::Captured { input_ids, logits } => {
+                let ids: Vec<i64> = input_ids.iter().map(|&i| i as i64).collect();
+                assert_eq!(ids, r.ids("input_ids"));
+                assert!(rel_err(&logits, &r.f32s("logits_last")) < 1e-4);
+                captured = true;
+            }
+            EngineEvent::Token { text } => streamed.push_str(&text),
+            EngineEvent::Done { text, token_ids, usage, finish_reason, timings } => {
+                assert_eq!(streamed, text);
+                let ids: Vec<i64> = token_ids.iter().map(|&i| i as i64).collect();
+                assert_eq!(ids, r.ids("generated"));
+                assert_eq!(usage.completion_tokens, token_ids.len());
+                assert_eq!(usage.prompt_tokens, r.ids("input_ids").len());
+                assert_eq!(finish_reason.as_str(), "length");
+                assert!(timings.ttft_ms > 0.0 && timings.prefill_ms > 0.0);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(captured);
+}
+
+#[test]
+fn video_request_matches_reference() {
+    let e = engine("tiny-tied", 4);
+    let all = cases();
+    let case = &all["models"]["tiny-tied"][1];
+    let r = Reference::load("tiny-tied", "video_system_vp9");
+    let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
+    let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
+    let mut rx = e.submit(Request { messages: messages(case), videos: vec![video], generation: greedy(16) }).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        if let EngineEvent::Done { token_ids, .. } = ev {
+            let ids: Vec<i64> = token_ids.iter().map(|&i| i as i64).collect();
+            assert_eq!(ids, r.ids("generated"));
+            return;
+        }
+        assert!(!matches!(ev, EngineEvent::Failed { .. }), "{ev:?}");
+    }
+    panic!("no Done event");
+}
+
+#[test]
+fn a_bad_request_fails_alone() {
+    let e = engine("tiny-tied", 4);
+    let bad = VideoInput { pixel_values: vec![0.0; 10], grid_thw: [1, 2, 2], timestamps: vec![0.5] };
+    let mut rx = e
+        .submit(Request { messages: vec![Message::user_video("what?")], videos: vec![bad], generation: greedy(4) })
+        .unwrap();
+    let mut failed = false;
+    while let Some(ev) = rx.blocking_recv() {
+        if let EngineEvent::Failed { error } = ev {
+            assert!(error.to_string().contains("pixel values"), "{error}");
+            failed = true;
+        }
+    }
+    assert!(failed);
+    // Placeholder count and videos disagree: an input error, not a crash.
+    let mut rx = e
+        .submit(Request { messages: vec![Message::user_video("what?")], videos: vec![], generation: greedy(4) })
+        .unwrap();
+    let mut failed = false;
+    while let Some(ev) = rx.blocking_recv() {
+        failed |= matches!(ev, EngineEvent::Failed { .. });
+    }
+    assert!(failed);
+    // The engine still serves.
+    let mut rx = e
+        .submit(Request { messages: vec![Message::text("user", "hello")], videos: vec![], generation: greedy(3) })
+        .unwrap();
+    let mut done = false;
+    while let Some(ev) = rx.blocking_recv() {
+        done |= matches!(ev, EngineEvent::Done { .. });
+    }
+    assert!(done);
+    // Invalid parameters are refused at submit.
+    let mut g = greedy(3);
+    g.sampling.top_p = 2.0;
+    assert!(e.submit(Request { messages: vec![Message::text("user", "x")], videos: vec![], generation: g }).is_err());
+    assert!(
+        e.submit(Request { messages: vec![Message::text("user", "x")], videos: vec![], generation: greedy(0) })
+            .is_err()
+    );
+}
+
+#[test]
+fn dropping_the_receiver_cancels_and_the_queue_is_bounded() {
+    let e = engine("tiny-tied", 1);
+    let long = || Request {
+        messages: vec![Message::text("user", "go on")],
+        videos: vec![],
+        generation: GenerationParams { capture: false, ignore_eos: true, ..greedy(100_000) },
+    };
+    let mut first = e.submit(long()).unwrap();
+    // Wait until the engine works on it, so the queue itself is empty again.
+    loop {
+        if let Some(EngineEvent::Token { .. }) = first.blocking_recv() {
+            break;
+        }
+    }
+    let second = e.submit(long()).unwrap(); // waits in the queue (capacity 1)
+    let third = e.submit(long());
+    assert!(matches!(third, Err(inference::Error::QueueFull(1))), "{third:?}");
+    // Cancel both; the engine drops the running one at its next step and skips the queued one.
+    drop(first);
+    drop(second);
+    let mut rx =
+        e.submit(Request { messages: vec![Message::text("user", "hi")], videos: vec![], generation: greedy(2) });
+    // The queue frees up once the engine has seen the cancellation.
+    let start = std::time::Instant::now();
+    while rx.is_err() && start.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        rx = e.submit(Request { messages: vec![Message::text("user", "hi")], videos: vec![], generation: greedy(2) });
+    }
+    let mut rx = rx.unwrap();
+    let mut done = false;
+    while let Some(ev) = rx.blocking_recv() {
+        done |= matches!(ev, EngineEvent::Done { .. });
+    }
+    assert!(done, "a cancelled request kept the engine busy");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(e.stats().cancelled.load(Relaxed), 2, "one cancelled while generating, one while queued");
+    assert_eq!(e.stats().completed.load(Relaxed), 1);
+}

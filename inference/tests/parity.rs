@@ -27,16 +27,15 @@ fn greedy(
     let logits = l.model.prefill(&prompt.ids, &prompt.kinds, &prompt.positions, vision, &mut cache).unwrap();
     let mut logits: Vec<f32> = logits.to_vec1().unwrap();
     assert_eq!(logits.len(), first.len());
-    let mut pos = prompt.ids.len() as i64 + prompt.positions.rope_delta;
+    let start = prompt.ids.len() as i64 + prompt.positions.rope_delta;
     let mut out = Vec::new();
-    for _ in 0..n {
+    for pos in (start..).take(n) {
         let t = argmax(&logits);
         out.push(t as i64);
         if eos.contains(&t) {
             break;
         }
         logits = l.model.decode(t, pos, &mut cache).unwrap().to_vec1().unwrap();
-        pos += 1;
     }
     out
 }
@@ -63,8 +62,8 @@ fn check_model(name: &str, dtype: DType) {
             .collect();
         assert_eq!(kinds, r.ids("mm_token_type_ids"), "{name}/{case_name}: token types");
         let pos: Vec<Vec<i64>> = r.tensors["position_ids"].to_vec2().unwrap();
-        for a in 0..3 {
-            assert_eq!(prompt.positions.axes[a], pos[a], "{name}/{case_name}: position axis {a}");
+        for (a, (got, want)) in prompt.positions.axes.iter().zip(&pos).enumerate() {
+            assert_eq!(got, want, "{name}/{case_name}: position axis {a}");
         }
         assert_eq!(prompt.positions.rope_delta, r.ids("rope_delta")[0], "{name}/{case_name}: rope delta");
 

@@ -142,7 +142,16 @@ impl ModelFiles {
                  directory, e.g. --model /models/Qwen3-VL-2B-Instruct"
             ))
         };
-        let api = hf_hub::api::sync::ApiBuilder::new().with_progress(true).build().map_err(|e| offline(&e))?;
+        if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+            // Offline: only a complete copy in the local Hub cache will do.
+            let cache = hf_hub::Cache::from_env().model(id.to_owned());
+            let config =
+                cache.get("config.json").ok_or_else(|| offline(&"HF_HUB_OFFLINE is set and it is not cached"))?;
+            let dir = config.parent().map(Path::to_path_buf).ok_or_else(|| Error::Hub("bad cache path".into()))?;
+            return Self::from_dir(&dir);
+        }
+        // HF_ENDPOINT and HF_HOME are honoured; files already in the cache are not fetched again.
+        let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| offline(&e))?;
         let repo = api.model(id.to_owned());
         let config = repo.get("config.json").map_err(|e| offline(&e))?;
         let dir = config.parent().map(Path::to_path_buf).ok_or_else(|| Error::Hub("bad cache path".into()))?;

@@ -79,3 +79,30 @@ fn analyze_bad_inputs_fail_cleanly() {
         assert!(!e.contains("panicked"), "{e}");
     }
 }
+
+#[test]
+fn hub_ids_fail_clearly_without_network() {
+    // The Hub endpoint points at a closed local port: nothing leaves the machine.
+    let home = std::env::temp_dir().join(format!("lookout-hf-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_lookout"))
+        .args(["analyze", "--model", "Qwen/Qwen3-VL-2B-Instruct", "--prompt", "hi", "--video"])
+        .arg(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(e.contains("cannot fetch Qwen/Qwen3-VL-2B-Instruct"), "{e}");
+    assert!(e.contains("--model /"), "the error should say how to use a local directory: {e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_lookout"))
+        .args(["analyze", "--model", "Qwen/Qwen3-VL-2B-Instruct", "--prompt", "hi", "--video"])
+        .arg(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home)
+        .output()
+        .unwrap();
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
+    std::fs::remove_dir_all(home).ok();
+}

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod device;
 pub mod engine;
+mod fastmath;
 pub mod files;
 pub mod model;
 mod ops;

@@ -102,5 +102,5 @@ pub(crate) fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// attention: `softmax(..., dtype=float32).to(query.dtype)`).
 pub(crate) fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    crate::fastmath::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }

@@ -14,11 +14,11 @@ pub struct PromptPositions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
     /// Ordinary text.
-    Text,
+    Text = 0,
     /// An image placeholder.
-    Image,
+    Image = 1,
     /// A video placeholder.
-    Video,
+    Video = 2,
 }
 
 /// Computes position ids. Each maximal run of image (or video) placeholders consumes the next

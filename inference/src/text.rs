@@ -236,7 +236,7 @@ impl TextModel {
             h = (r + a)?;
             let r = h.clone();
             let m = layer.post_norm.forward(&h)?;
-            let m = layer.down.forward(&(layer.gate.forward(&m)?.silu()? * layer.up.forward(&m)?)?)?;
+            let m = layer.down.forward(&(crate::fastmath::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?)?;
             h = (r + m)?;
             if let Some(ds) = deepstack.get(i) {
                 h = h.broadcast_add(&ds.to_dtype(h.dtype())?.unsqueeze(0)?)?;

@@ -87,7 +87,7 @@ impl Block {
         let h = self.norm1.forward(x)?;
         let x = (x + self.attention(&h, rotary, segments)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?;
-        let h = if self.exact_gelu { h.gelu_erf()? } else { h.gelu()? };
+        let h = if self.exact_gelu { h.gelu_erf()? } else { crate::fastmath::gelu_tanh(&h)? };
         x + self.fc2.forward(&h)?
     }
 

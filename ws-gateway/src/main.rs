@@ -6,6 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+// Tensor ops allocate and free large buffers constantly; glibc malloc returns them to the OS each
+// time (a page fault storm), mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ws_gateway::clip::sample_file;
 use ws_gateway::tensors::{TensorData, write_safetensors};
 

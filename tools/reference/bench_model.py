@@ -1,0 +1,55 @@
+"""transformers side of benches/model.sh: the same work as Lookout's model bench, timed.
+
+    bench_model.py MODEL_DIR INPUTS.safetensors [dtype]
+
+INPUTS comes from the Rust bench (input_ids, mm_token_type_ids, pixel_values, video_grid_thw,
+decode_tokens). Prints one JSON object with the same keys as the Rust bench.
+"""
+
+import json
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen3VLForConditionalGeneration
+
+model_dir, inputs_path = sys.argv[1], sys.argv[2]
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3] if len(sys.argv) > 3 else "f32"]
+x = load_file(inputs_path)
+model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+ids = x["input_ids"][None]
+pv = x["pixel_values"].to(dtype)
+grid = x["video_grid_thw"]
+mm = x["mm_token_type_ids"][None]
+pairs = int(grid[:, 0].sum())
+n_decode = int(x["decode_tokens"][0])
+
+
+def best(f, reps=3):
+    f()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+with torch.inference_mode():
+    vision_s = best(lambda: model.model.visual(pv, grid_thw=grid))
+    full_s = best(lambda: model(input_ids=ids, pixel_values_videos=pv, video_grid_thw=grid, mm_token_type_ids=mm,
+                                logits_to_keep=1))
+    prefill_s = full_s - vision_s
+
+    def gen():
+        model.generate(input_ids=ids, pixel_values_videos=pv, video_grid_thw=grid, mm_token_type_ids=mm,
+                       attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_decode + 1,
+                       min_new_tokens=n_decode + 1)
+    gen_s = best(gen, reps=1)
+decode_s = gen_s - full_s
+print(json.dumps({
+    "impl": "transformers", "threads": torch.get_num_threads(), "prompt_tokens": ids.shape[1], "frame_pairs": pairs,
+    "vision_ms_per_pair": vision_s * 1000 / pairs, "prefill_tok_s": ids.shape[1] / prefill_s,
+    "ttft_ms": full_s * 1000, "decode_tok_s": n_decode / decode_s,
+}))

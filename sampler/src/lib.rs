@@ -21,6 +21,7 @@ pub mod frames;
 pub mod patchify;
 pub mod plan;
 pub mod resize;
+pub mod stream;
 
 pub use budget::{PixelBudget, smart_resize};
 pub use frames::{FrameRange, FrameSelection, frame_range, sample_indices, smart_nframes};

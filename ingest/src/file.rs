@@ -64,11 +64,11 @@ pub fn probe(path: impl AsRef<Path>) -> Result<VideoInfo, IngestError> {
     FileSource::open(path).map(|s| s.info)
 }
 
-fn pts_seconds(pts: i64, tb: (i32, i32)) -> f64 {
+pub(crate) fn pts_seconds(pts: i64, tb: (i32, i32)) -> f64 {
     pts as f64 * tb.0 as f64 / tb.1 as f64
 }
 
-fn open_input(path: &Path) -> Result<ff::format::context::Input, IngestError> {
+pub(crate) fn open_input(path: &Path) -> Result<ff::format::context::Input, IngestError> {
     crate::init();
     if let Err(source) = std::fs::metadata(path) {
         return Err(IngestError::Io { path: path.to_owned(), source });

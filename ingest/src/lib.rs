@@ -16,6 +16,8 @@
 mod convert;
 mod error;
 mod file;
+pub mod replay;
+pub mod ring;
 
 pub use error::IngestError;
 pub use file::{DecodeOptions, FileSource, FrameStream, VideoInfo, probe};

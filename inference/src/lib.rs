@@ -29,6 +29,7 @@ pub mod sampling;
 pub mod text;
 pub mod vision;
 
+pub use candle_core::DType;
 pub use device::{DeviceChoice, parse_dtype};
 pub use engine::{
     Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Request, Timings, Usage, VideoInput,

@@ -125,7 +125,7 @@ impl Windower {
         self.next_at = Some(n);
         self.admitted += 1;
         let a = self.admitted as usize;
-        let due = a >= self.shape.frames && (a - self.shape.frames) % self.shape.stride == 0;
+        let due = a >= self.shape.frames && (a - self.shape.frames).is_multiple_of(self.shape.stride);
         Admission::Admit { window_due: due }
     }
 }

@@ -3,4 +3,5 @@
 #![forbid(unsafe_code, clippy::print_stdout, clippy::print_stderr)]
 
 pub mod clip;
+pub mod server;
 pub mod tensors;

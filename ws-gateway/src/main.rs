@@ -27,6 +27,67 @@ enum Command {
     Sample(SampleArgs),
     /// Ask Qwen3-VL about a clip and stream the answer to stdout.
     Analyze(Box<AnalyzeArgs>),
+    /// Run the service: WebSocket streaming sessions and the REST API.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A local checkpoint directory or a Hub id.
+    #[arg(long, env = "LOOKOUT_MODEL")]
+    model: String,
+    /// Address to listen on.
+    #[arg(long, env = "LOOKOUT_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "LOOKOUT_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Where uploads are kept.
+    #[arg(long, env = "LOOKOUT_DATA_DIR", default_value = "lookout-data")]
+    data_dir: PathBuf,
+    /// Require `Authorization: Bearer KEY` on every route but /v1/health.
+    #[arg(long, env = "LOOKOUT_API_KEY")]
+    api_key: Option<String>,
+    /// Largest upload, MiB.
+    #[arg(long, env = "LOOKOUT_MAX_UPLOAD_MB", default_value_t = 512)]
+    max_upload_mb: u64,
+    /// Concurrent WebSocket sessions.
+    #[arg(long, env = "LOOKOUT_MAX_SESSIONS", default_value_t = 8)]
+    max_sessions: usize,
+    /// Largest WebSocket message from a client, KiB.
+    #[arg(long, env = "LOOKOUT_MAX_WS_MESSAGE_KB", default_value_t = 64)]
+    max_ws_message_kb: usize,
+    /// Requests that may wait for the engine.
+    #[arg(long, env = "LOOKOUT_ENGINE_QUEUE", default_value_t = 8)]
+    engine_queue: usize,
+    /// Weight and activation dtype: f32, bf16 or f16.
+    #[arg(long, env = "LOOKOUT_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "LOOKOUT_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ws_gateway::server::ServeConfig {
+        model: args.model,
+        device: args.device.parse()?,
+        dtype: inference::parse_dtype(&args.dtype)?,
+        data_dir: args.data_dir,
+        api_key: args.api_key.filter(|k| !k.is_empty()),
+        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+        max_sessions: args.max_sessions.max(1),
+        max_ws_message_bytes: args.max_ws_message_kb.max(1) * 1024,
+        engine_queue: args.engine_queue.max(1),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", args.host, args.port))?;
+        eprintln!("lookout listening on http://{}", listener.local_addr()?);
+        ws_gateway::server::serve(config, listener, ws_gateway::server::shutdown_signal()).await
+    })
 }
 
 #[derive(Args)]
@@ -292,6 +353,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Sample(args) => sample(args),
         Command::Analyze(args) => analyze(*args),
+        Command::Serve(args) => serve(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,214 @@
+//! The HTTP and WebSocket service (`lookout serve`).
+//!
+//! - `GET /v1/health`: loading, ready or failed, with the model and device.
+//! - `GET /v1/models`: the served model.
+//! - `POST /v1/uploads`: a clip, streamed to disk under the data directory, size-limited and
+//!   probed; answers its id.
+//! - `GET /v1/ws`: a streaming session (see the `protocol` crate): a source replayed in real time
+//!   into a frame ring, cut into windows, each analysed by the engine with its tokens streamed.
+//!
+//! The model loads on its own thread after the listener is up, so health answers at once.
+
+mod session;
+mod uploads;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use protocol::{ApiError, ApiErrorBody, ErrorCode, Health, HealthStatus};
+use tokio::sync::watch;
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Model directory or Hub id.
+    pub model: String,
+    /// Device.
+    pub device: inference::DeviceChoice,
+    /// Dtype.
+    pub dtype: inference::DType,
+    /// Where uploads are stored.
+    pub data_dir: PathBuf,
+    /// Bearer token required on every route but health.
+    pub api_key: Option<String>,
+    /// Largest accepted upload, bytes.
+    pub max_upload_bytes: u64,
+    /// Concurrent WebSocket sessions.
+    pub max_sessions: usize,
+    /// Largest WebSocket message from a client, bytes.
+    pub max_ws_message_bytes: usize,
+    /// Requests waiting for the engine.
+    pub engine_queue: usize,
+}
+
+/// The model's state as the service sees it.
+#[derive(Clone)]
+pub(crate) enum ModelState {
+    Loading,
+    Ready(inference::Engine),
+    Failed(String),
+}
+
+/// Shared state of the service.
+pub(crate) struct AppState {
+    pub(crate) config: ServeConfig,
+    pub(crate) model: RwLock<ModelState>,
+    pub(crate) sessions: AtomicUsize,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) next_session: AtomicUsize,
+}
+
+impl AppState {
+    pub(crate) fn engine(&self) -> Result<inference::Engine, ApiFailure> {
+        match &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
+            ModelState::Ready(e) => Ok(e.clone()),
+            ModelState::Loading => Err(ApiFailure::unavailable("the model is still loading; see /v1/health")),
+            ModelState::Failed(e) => Err(ApiFailure::unavailable(&format!("the model failed to load: {e}"))),
+        }
+    }
+}
+
+/// An error answer of the REST API: one place maps kinds to status codes.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiFailure {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiFailure { status, code, message: message.into() }
+    }
+    pub(crate) fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m)
+    }
+    pub(crate) fn unavailable(m: &str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, m)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ApiError { error: ApiErrorBody { code: self.code, message: self.message } };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiFailure> {
+    let Some(key) = &state.config.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing or wrong API key (Authorization: Bearer KEY)",
+        ))
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
+    let (status, error) = match &*state.model.read().unwrap_or_else(|e| e.into_inner()) {
+        ModelState::Loading => (HealthStatus::Loading, None),
+        ModelState::Ready(_) => (HealthStatus::Ready, None),
+        ModelState::Failed(e) => (HealthStatus::Failed, Some(e.clone())),
+    };
+    let device = match state.config.device {
+        inference::DeviceChoice::Cpu => "cpu".to_owned(),
+        inference::DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+    };
+    axum::Json(Health { status, model: state.config.model.clone(), device, error })
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiFailure> {
+    authorized(&state, &headers)?;
+    Ok(axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": state.config.model, "object": "model", "owned_by": "lookout"}],
+    })))
+}
+
+/// Builds the router (separate from serving, for tests).
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
+        .route("/v1/ws", get(session::ws))
+        .with_state(state)
+}
+
+/// Runs the service until SIGINT/SIGTERM (or `stop` resolving), then ends every session with an
+/// `ended` event.
+pub async fn serve(
+    config: ServeConfig,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(config.data_dir.join("uploads"))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        model: RwLock::new(ModelState::Loading),
+        sessions: AtomicUsize::new(0),
+        shutdown: shutdown_rx,
+        next_session: AtomicUsize::new(1),
+    });
+    // Load on a blocking thread; health says "loading" meanwhile.
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let result = inference::Engine::load(inference::LoadOptions {
+            model: loader.config.model.clone(),
+            device: loader.config.device,
+            dtype: loader.config.dtype,
+            queue: loader.config.engine_queue,
+        });
+        let next = match result {
+            Ok(engine) => ModelState::Ready(engine),
+            Err(e) => {
+                tracing::error!(error = %e, "model failed to load");
+                ModelState::Failed(e.to_string())
+            }
+        };
+        *loader.model.write().unwrap_or_else(|e| e.into_inner()) = next;
+    });
+    let app = router(state.clone());
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.await;
+            tracing::info!("shutting down: ending sessions");
+            let _ = shutdown_tx.send(true);
+        })
+        .await?;
+    let open = state.sessions.load(Ordering::Relaxed);
+    if open > 0 {
+        tracing::info!(open, "sessions still closing");
+    }
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,118 @@
+//! `POST /v1/uploads`: multipart upload streamed to disk, size-limited, then probed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Multipart, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use protocol::ErrorCode;
+use tokio::io::AsyncWriteExt;
+
+use super::{ApiFailure, AppState, authorized};
+
+/// A fresh, unguessable-enough upload id (time, process and a counter, hashed).
+pub(crate) fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// The stored file of an upload id, if the id is well-formed.
+pub(crate) fn upload_path(data_dir: &Path, id: &str) -> Option<PathBuf> {
+    let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    ok.then(|| data_dir.join("uploads").join(id))
+}
+
+pub(crate) async fn upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized(&state, &headers)?;
+    let limit = state.config.max_upload_bytes;
+    let id = new_id();
+    let dir = state.config.data_dir.join("uploads");
+    let part_path = dir.join(format!("{id}.part"));
+    let mut written = 0u64;
+    let mut found = false;
+    while let Some(mut field) =
+        multipart.next_field().await.map_err(|e| ApiFailure::bad_request(format!("bad multipart body: {e}")))?
+    {
+        if field.name() != Some("file") {
+            continue;
+        }
+        found = true;
+        let mut file = tokio::fs::File::create(&part_path).await.map_err(|e| {
+            ApiFailure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("cannot store the upload: {e}"),
+            )
+        })?;
+        loop {
+            let chunk = match field.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&part_path).await;
+                    return Err(ApiFailure::bad_request(format!("the upload broke off: {e}")));
+                }
+            };
+            written += chunk.len() as u64;
+            if written > limit {
+                drop(file);
+                let _ = tokio::fs::remove_file(&part_path).await;
+                return Err(ApiFailure::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::BadRequest,
+                    format!("the upload is larger than the limit of {limit} bytes"),
+                ));
+            }
+            file.write_all(&chunk).await.map_err(|e| {
+                ApiFailure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    format!("cannot store the upload: {e}"),
+                )
+            })?;
+        }
+        file.flush().await.ok();
+        break;
+    }
+    if !found {
+        return Err(ApiFailure::bad_request("the multipart body needs a part named \"file\""));
+    }
+    // Probing demuxes the whole file: a blocking job, off the async runtime.
+    let probe_path = part_path.clone();
+    let probed = tokio::task::spawn_blocking(move || ingest::probe(&probe_path))
+        .await
+        .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))?;
+    let info = match probed {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&part_path).await;
+            return Err(ApiFailure::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadRequest,
+                format!("not a playable video: {e}"),
+            ));
+        }
+    };
+    let final_path = dir.join(&id);
+    tokio::fs::rename(&part_path, &final_path)
+        .await
+        .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "id": id, "bytes": written, "codec": info.codec, "width": info.width, "height": info.height,
+            "fps": info.fps, "frames": info.frame_count, "duration_s": info.duration_s,
+        })),
+    ))
+}

@@ -1,0 +1,246 @@
+//! `lookout serve` against real sockets on 127.0.0.1 with a fixture model: uploads, a streaming
+//! WebSocket session over a replayed clip, and bad input that gets a clear error while the server
+//! keeps serving.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ClientMessage, ErrorCode, GenerationSettings, ServerMessage, Source, WindowSettings};
+use tokio_tungstenite::tungstenite::Message;
+use ws_gateway::server::{ServeConfig, serve};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(api_key: Option<&str>, max_upload_bytes: u64) -> Server {
+    let data = std::env::temp_dir().join(format!("lookout-serve-{}-{}", std::process::id(), rand_suffix()));
+    let config = ServeConfig {
+        model: root().join("fixtures/models/tiny-tied").to_string_lossy().into_owned(),
+        device: inference::DeviceChoice::Cpu,
+        dtype: inference::DType::F32,
+        data_dir: data,
+        api_key: api_key.map(str::to_owned),
+        max_upload_bytes,
+        max_sessions: 4,
+        max_ws_message_bytes: 16 * 1024,
+        engine_queue: 4,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(config, listener, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let server = Server { base, stop: Some(tx), task };
+    // Wait for the model.
+    for _ in 0..200 {
+        let url = format!("http://{}/v1/health", server.base);
+        let h: serde_json::Value =
+            tokio::task::spawn_blocking(move || ureq::get(&url).call().map(|r| r.into_json().unwrap()))
+                .await
+                .unwrap()
+                .unwrap_or_default();
+        if h["status"] == "ready" {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the model never became ready");
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+/// A multipart body with one part named `file`.
+fn multipart(bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "lookoutboundary7MA4YWxkTrZu0gW";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"clip\"\r\nContent-Type: application/octet-stream\r\n\r\n").into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload(base: &str, bytes: Vec<u8>, key: Option<&str>) -> (u16, serde_json::Value) {
+    let url = format!("http://{base}/v1/uploads");
+    let key = key.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let (ct, body) = multipart(&bytes);
+        let mut req = ureq::post(&url).set("Content-Type", &ct);
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        match req.send_bytes(&body) {
+            Ok(r) => (r.status(), r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(base: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{base}/v1/ws")).await.unwrap().0
+}
+
+async fn send(ws: &mut Ws, m: &ClientMessage) {
+    ws.send(Message::Text(serde_json::to_string(m).unwrap().into())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("no message within 60 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+fn start_msg(id: &str, prompt: &str) -> ClientMessage {
+    ClientMessage::Start {
+        source: Source::Upload { id: id.into(), speed: Some(4.0), looped: Some(false) },
+        prompt: prompt.into(),
+        window: Some(WindowSettings {
+            seconds: Some(1.0),
+            stride_seconds: Some(1.0),
+            fps: Some(4.0),
+            min_pixels: Some(4096),
+            max_pixels: Some(16384),
+        }),
+        generation: Some(GenerationSettings { max_tokens: Some(6), temperature: Some(0.0), ..Default::default() }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_upload_streams_windows_and_tokens() {
+    let mut server = start(None, 50 << 20).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let (status, body) = upload(&server.base, clip, None).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["frames"], 100);
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    let mut ws = connect(&server.base).await;
+    // Bad JSON first: a clear, non-fatal error.
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Error { code: ErrorCode::BadRequest, fatal: false, .. }));
+    send(&mut ws, &start_msg(&id, "What happens?")).await;
+    let ready = recv(&mut ws).await;
+    assert!(
+        matches!(&ready, ServerMessage::Ready { source, .. } if source.width == 480 && source.codec == "h264"),
+        "{ready:?}"
+    );
+
+    let mut windows = 0;
+    let mut tokens = String::new();
+    let mut current = None;
+    let mut saw_status = false;
+    let ended = loop {
+        match recv(&mut ws).await {
+            ServerMessage::Window { id, frames, grid_thw, start_s, end_s } => {
+                assert_eq!(frames, 4);
+                assert_eq!(grid_thw[0], 2);
+                assert!(end_s > start_s);
+                current = Some(id);
+                tokens.clear();
+            }
+            ServerMessage::Token { window, text } => {
+                assert_eq!(Some(window), current);
+                tokens.push_str(&text);
+            }
+            ServerMessage::WindowDone { window, text, usage, .. } => {
+                assert_eq!(Some(window), current);
+                assert_eq!(tokens, text, "streamed tokens must add up to the window's text");
+                assert!(usage.completion_tokens >= 1);
+                windows += 1;
+                if windows == 1 {
+                    // Change the prompt: it applies from the next window.
+                    send(&mut ws, &ClientMessage::Prompt { text: "Count the shapes.".into() }).await;
+                }
+            }
+            ServerMessage::Status { .. } => saw_status = true,
+            ServerMessage::Skipped { .. } => {}
+            ServerMessage::Ended { reason } => break reason,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(windows >= 2, "only {windows} windows");
+    assert_eq!(ended, "end of stream");
+    assert!(saw_status);
+
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
+    let mut server = start(None, 200_000).await;
+    // Not a video.
+    let (status, body) = upload(&server.base, b"hello, this is text".to_vec(), None).await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not a playable video"));
+    // Too large.
+    let (status, _) = upload(&server.base, vec![0u8; 300_000], None).await;
+    assert_eq!(status, 413);
+    // Unknown source kind and unknown upload id over the WebSocket.
+    let mut ws = connect(&server.base).await;
+    ws.send(Message::Text(r#"{"type":"start","source":{"kind":"ftp","url":"x"},"prompt":"p"}"#.into())).await.unwrap();
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Error { code: ErrorCode::BadRequest, .. }));
+    send(&mut ws, &start_msg("doesnotexist", "p")).await;
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Error { fatal: true, .. }));
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Ended { .. }));
+    // Still serving.
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4")).unwrap();
+    let (status, _) = upload(&server.base, clip, None).await;
+    assert_eq!(status, 201);
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
+    let mut server = start(Some("sekrit"), 50 << 20).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4")).unwrap();
+    let (status, _) = upload(&server.base, clip.clone(), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = upload(&server.base, clip, Some("sekrit")).await;
+    assert_eq!(status, 201);
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert!(tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", server.base)).await.is_err());
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?api_key=sekrit", server.base)).await.unwrap();
+    let mut start = start_msg(&id, "p");
+    if let ClientMessage::Start { source: Source::Upload { looped, speed, .. }, .. } = &mut start {
+        *looped = Some(true);
+        *speed = Some(1.0);
+    }
+    send(&mut ws, &start).await;
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Ready { .. }));
+    server.stop.take().unwrap().send(()).unwrap();
+    let reason = loop {
+        if let ServerMessage::Ended { reason } = recv(&mut ws).await {
+            break reason;
+        }
+    };
+    assert!(reason.contains("shutting down"), "{reason}");
+    server.task.await.unwrap();
+}

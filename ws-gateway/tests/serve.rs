@@ -48,7 +48,7 @@ async fn start(api_key: Option<&str>, max_upload_bytes: u64) -> Server {
     for _ in 0..200 {
         let url = format!("http://{}/v1/health", server.base);
         let h: serde_json::Value =
-            tokio::task::spawn_blocking(move || ureq::get(&url).call().map(|r| r.into_json().unwrap()))
+            tokio::task::spawn_blocking(move || ureq::get(&url).call().ok().map(|r| r.into_json().unwrap()))
                 .await
                 .unwrap()
                 .unwrap_or_default();

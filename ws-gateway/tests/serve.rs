@@ -244,3 +244,42 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
     assert!(reason.contains("shutting down"), "{reason}");
     server.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_and_a_stalled_reader_do_not_block_others() {
+    let mut server = start(None, 50 << 20).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let (_, body) = upload(&server.base, clip, None).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    // A client that starts a looping session with long answers and then never reads.
+    let mut stalled = connect(&server.base).await;
+    let mut start = start_msg(&id, "Describe everything in detail.");
+    if let ClientMessage::Start { source: Source::Upload { looped, .. }, generation, .. } = &mut start {
+        *looped = Some(true);
+        *generation = Some(GenerationSettings { max_tokens: Some(64), temperature: Some(0.0), ..Default::default() });
+    }
+    send(&mut stalled, &start).await;
+
+    // Two well-behaved sessions at once.
+    let run = |base: String, id: String| async move {
+        let mut ws = connect(&base).await;
+        send(&mut ws, &start_msg(&id, "What happens?")).await;
+        let mut done = 0;
+        loop {
+            match recv(&mut ws).await {
+                ServerMessage::WindowDone { .. } => done += 1,
+                ServerMessage::Ended { reason } => return (done, reason),
+                _ => {}
+            }
+        }
+    };
+    let (a, b) = tokio::join!(run(server.base.clone(), id.clone()), run(server.base.clone(), id.clone()));
+    for (done, reason) in [a, b] {
+        assert_eq!(reason, "end of stream");
+        assert!(done >= 1, "a session got no window done");
+    }
+    drop(stalled);
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}

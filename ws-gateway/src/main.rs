@@ -66,6 +66,9 @@ struct ServeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "LOOKOUT_DEVICE", default_value = "cpu")]
     device: String,
+    /// Let URL sources reach loopback, private and link-local addresses.
+    #[arg(long, env = "LOOKOUT_ALLOW_PRIVATE_URLS")]
+    allow_private_urls: bool,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -79,6 +82,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_sessions: args.max_sessions.max(1),
         max_ws_message_bytes: args.max_ws_message_kb.max(1) * 1024,
         engine_queue: args.engine_queue.max(1),
+        allow_private_urls: args.allow_private_urls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {

@@ -21,6 +21,10 @@ struct Server {
 }
 
 async fn start(api_key: Option<&str>, max_upload_bytes: u64) -> Server {
+    start_with(api_key, max_upload_bytes, false).await
+}
+
+async fn start_with(api_key: Option<&str>, max_upload_bytes: u64, allow_private_urls: bool) -> Server {
     let data = std::env::temp_dir().join(format!("lookout-serve-{}-{}", std::process::id(), rand_suffix()));
     let config = ServeConfig {
         model: root().join("fixtures/models/tiny-tied").to_string_lossy().into_owned(),
@@ -32,6 +36,7 @@ async fn start(api_key: Option<&str>, max_upload_bytes: u64) -> Server {
         max_sessions: 4,
         max_ws_message_bytes: 16 * 1024,
         engine_queue: 4,
+        allow_private_urls,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
@@ -280,6 +285,108 @@ async fn concurrent_sessions_and_a_stalled_reader_do_not_block_others() {
         assert!(done >= 1, "a session got no window done");
     }
     drop(stalled);
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+/// A multipart body with several text parts and one file part.
+fn multipart_fields(fields: &[(&str, &str)], file: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "lookoutboundaryRESTfields";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn post_json(url: String, body: String) -> (u16, serde_json::Value) {
+    tokio::task::spawn_blocking(move || {
+        match ureq::post(&url).set("Content-Type", "application/json").send_string(&body) {
+            Ok(r) => (r.status(), r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_rest_endpoints_answer_in_the_seed_shapes() {
+    let mut server = start_with(None, 50 << 20, true).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+
+    // Upload inference.
+    let url = format!("http://{}/v1/inference/upload", server.base);
+    let params = r#"{"fps": 1.0, "min_pixels": 4096, "max_pixels": 16384}"#;
+    let (ct, body) = multipart_fields(
+        &[("prompt", "What happens?"), ("video_params", params), ("max_tokens", "5"), ("temperature", "0")],
+        &clip,
+    );
+    let (status, v) =
+        tokio::task::spawn_blocking(move || match ureq::post(&url).set("Content-Type", &ct).send_bytes(&body) {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let r: protocol::InferenceResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(r.usage.completion_tokens, 5);
+    assert_eq!(r.finish_reason, "length");
+    assert!(r.timings.total_ms >= r.timings.preprocess_ms);
+
+    // URL inference from a local HTTP server (private addresses allowed on this server).
+    let files = axum::Router::new().route("/clip.mkv", axum::routing::get(move || async move { clip.clone() }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let clip_url = format!("http://127.0.0.1:{}/clip.mkv", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, files).await.unwrap() });
+    let req = serde_json::json!({"url": clip_url, "prompt": "What happens?", "video_params": {"fps": 1.0, "min_pixels": 4096, "max_pixels": 16384}, "max_tokens": 4, "temperature": 0.0});
+    let (status, v) = post_json(format!("http://{}/v1/inference/url", server.base), req.to_string()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+
+    // Bad JSON, an unreachable URL, a missing prompt.
+    let (status, v) = post_json(format!("http://{}/v1/inference/url", server.base), "{oops".into()).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("invalid JSON"));
+    let req = serde_json::json!({"url": "http://127.0.0.1:9/none.mp4", "prompt": "x"});
+    let (status, v) = post_json(format!("http://{}/v1/inference/url", server.base), req.to_string()).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("cannot fetch"));
+
+    // Metrics count what happened.
+    let m = tokio::task::spawn_blocking({
+        let u = format!("http://{}/metrics", server.base);
+        move || ureq::get(&u).call().unwrap().into_string().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(m.contains("lookout_rest_requests_total 2"), "{m}");
+    assert!(m.contains("# TYPE lookout_tokens_total counter"));
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_address_urls_are_refused_by_default() {
+    let mut server = start(None, 50 << 20).await;
+    for url in
+        ["http://127.0.0.1:8000/x.mp4", "http://10.0.0.5/x.mp4", "http://[::1]/x.mp4", "http://169.254.169.254/latest"]
+    {
+        let req = serde_json::json!({"url": url, "prompt": "x"});
+        let (status, v) = post_json(format!("http://{}/v1/inference/url", server.base), req.to_string()).await;
+        assert_eq!(status, 400, "{url}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("not allowed"), "{v}");
+    }
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }

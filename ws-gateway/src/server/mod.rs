@@ -9,6 +9,7 @@
 //!
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
+mod rest;
 mod session;
 mod uploads;
 
@@ -45,6 +46,19 @@ pub struct ServeConfig {
     pub max_ws_message_bytes: usize,
     /// Requests waiting for the engine.
     pub engine_queue: usize,
+    /// Let URL sources reach loopback, private and link-local addresses.
+    pub allow_private_urls: bool,
+}
+
+/// Service counters for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) sessions: std::sync::atomic::AtomicU64,
+    pub(crate) windows: std::sync::atomic::AtomicU64,
+    pub(crate) skipped: std::sync::atomic::AtomicU64,
+    pub(crate) tokens: std::sync::atomic::AtomicU64,
+    pub(crate) uploads: std::sync::atomic::AtomicU64,
+    pub(crate) requests: std::sync::atomic::AtomicU64,
 }
 
 /// The model's state as the service sees it.
@@ -62,6 +76,7 @@ pub(crate) struct AppState {
     pub(crate) sessions: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_session: AtomicUsize,
+    pub(crate) metrics: Metrics,
 }
 
 impl AppState {
@@ -143,6 +158,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/ws", get(session::ws))
+        .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
+        .route("/v1/inference/url", post(rest::inference_url))
+        .route("/metrics", get(rest::metrics))
         .with_state(state)
 }
 
@@ -161,6 +179,7 @@ pub async fn serve(
         sessions: AtomicUsize::new(0),
         shutdown: shutdown_rx,
         next_session: AtomicUsize::new(1),
+        metrics: Metrics::default(),
     });
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();

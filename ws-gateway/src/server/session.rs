@@ -64,6 +64,7 @@ pub(crate) async fn ws(
         )
         .into_response();
     }
+    state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     let max = state.config.max_ws_message_bytes;
     upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
         let id = format!("s{}", state.next_session.fetch_add(1, Ordering::Relaxed));
@@ -341,11 +342,14 @@ async fn drive(
                     let (pending, end) = mailbox.take();
                     let skipped = mailbox.skipped.load(Ordering::Relaxed);
                     if skipped > reported_skips {
+                        state.metrics.skipped.fetch_add(skipped - reported_skips, Ordering::Relaxed);
                         send(out, ServerMessage::Skipped { windows: skipped - reported_skips, reason: "the model fell behind; the newest window wins".into() }).await?;
                         reported_skips = skipped;
                     }
                     if let Some(w) = pending {
-                        let ended = run_window(&engine, w, &prompt, &params, shape, out, &progress).await?;
+                        state.metrics.windows.fetch_add(1, Ordering::Relaxed);
+                        let ctx = WindowCtx { engine: &engine, params: &params, shape, out, progress: &progress, metrics: &state.metrics };
+                        let ended = run_window(&ctx, w, &prompt).await?;
                         if let Some(reason) = ended {
                             return Ok(reason);
                         }
@@ -390,15 +394,18 @@ impl Drop for StopOnDrop {
 /// Analyses one window, forwarding its events. Client messages wait in the socket meanwhile and
 /// are handled before the next window, so a new prompt applies from the next window on. Returns
 /// `Some(reason)` if the session should end.
-async fn run_window(
-    engine: &inference::Engine,
-    w: PendingWindow,
-    prompt: &str,
-    params: &inference::GenerationParams,
+/// What every window of a session shares.
+struct WindowCtx<'a> {
+    engine: &'a inference::Engine,
+    params: &'a inference::GenerationParams,
     shape: WindowShape,
-    out: &mpsc::Sender<ServerMessage>,
-    progress: &Progress,
-) -> Result<Option<String>, String> {
+    out: &'a mpsc::Sender<ServerMessage>,
+    progress: &'a Progress,
+    metrics: &'a super::Metrics,
+}
+
+async fn run_window(ctx: &WindowCtx<'_>, w: PendingWindow, prompt: &str) -> Result<Option<String>, String> {
+    let WindowCtx { engine, params, shape, out, progress, metrics } = *ctx;
     send(
         out,
         ServerMessage::Window {
@@ -429,6 +436,7 @@ async fn run_window(
             EngineEvent::Queued | EngineEvent::Captured { .. } => {}
             EngineEvent::Token { text } => send(out, ServerMessage::Token { window: w.id, text }).await?,
             EngineEvent::Done { finish_reason, text, usage, timings, .. } => {
+                metrics.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                 send(
                     out,
                     ServerMessage::WindowDone {

@@ -41,48 +41,14 @@ pub(crate) async fn upload(
     let part_path = dir.join(format!("{id}.part"));
     let mut written = 0u64;
     let mut found = false;
-    while let Some(mut field) =
+    while let Some(field) =
         multipart.next_field().await.map_err(|e| ApiFailure::bad_request(format!("bad multipart body: {e}")))?
     {
         if field.name() != Some("file") {
             continue;
         }
         found = true;
-        let mut file = tokio::fs::File::create(&part_path).await.map_err(|e| {
-            ApiFailure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                format!("cannot store the upload: {e}"),
-            )
-        })?;
-        loop {
-            let chunk = match field.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&part_path).await;
-                    return Err(ApiFailure::bad_request(format!("the upload broke off: {e}")));
-                }
-            };
-            written += chunk.len() as u64;
-            if written > limit {
-                drop(file);
-                let _ = tokio::fs::remove_file(&part_path).await;
-                return Err(ApiFailure::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorCode::BadRequest,
-                    format!("the upload is larger than the limit of {limit} bytes"),
-                ));
-            }
-            file.write_all(&chunk).await.map_err(|e| {
-                ApiFailure::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::Internal,
-                    format!("cannot store the upload: {e}"),
-                )
-            })?;
-        }
-        file.flush().await.ok();
+        written = receive_file(field, &part_path, limit).await?;
         break;
     }
     if !found {
@@ -104,6 +70,7 @@ pub(crate) async fn upload(
             ));
         }
     };
+    state.metrics.uploads.fetch_add(1, Ordering::Relaxed);
     let final_path = dir.join(&id);
     tokio::fs::rename(&part_path, &final_path)
         .await
@@ -115,4 +82,44 @@ pub(crate) async fn upload(
             "fps": info.fps, "frames": info.frame_count, "duration_s": info.duration_s,
         })),
     ))
+}
+
+/// Streams one multipart field to `path`, refusing more than `limit` bytes (the partial file is
+/// removed on any failure). Returns the size.
+pub(crate) async fn receive_file(
+    mut field: axum::extract::multipart::Field<'_>,
+    path: &Path,
+    limit: u64,
+) -> Result<u64, ApiFailure> {
+    let internal = |e: std::io::Error| {
+        ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, format!("cannot store the upload: {e}"))
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut written = 0u64;
+    loop {
+        let chunk = match field.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(path).await;
+                return Err(ApiFailure::bad_request(format!("the upload broke off: {e}")));
+            }
+        };
+        written += chunk.len() as u64;
+        if written > limit {
+            drop(file);
+            let _ = tokio::fs::remove_file(path).await;
+            return Err(ApiFailure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BadRequest,
+                format!("the upload is larger than the limit of {limit} bytes"),
+            ));
+        }
+        if let Err(e) = file.write_all(&chunk).await {
+            let _ = tokio::fs::remove_file(path).await;
+            return Err(internal(e));
+        }
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(written)
 }

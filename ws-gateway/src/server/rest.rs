@@ -1,0 +1,386 @@
+//! The seed service's REST API (`POST /v1/inference/upload`, `POST /v1/inference/url`) and
+//! Prometheus metrics.
+
+use std::io::Read as _;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{Multipart, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use inference::EngineEvent;
+use protocol::{ErrorCode, InferenceResponse, InferenceTimings, UrlInferenceRequest, VideoParams};
+
+use super::uploads::{new_id, receive_file};
+use super::{ApiFailure, AppState, authorized};
+
+fn internal(e: impl std::fmt::Display) -> ApiFailure {
+    ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string())
+}
+
+/// Removes a temporary clip when the request ends, whatever happens.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn sample_options(v: &VideoParams) -> sampler::SampleOptions {
+    sampler::SampleOptions {
+        fps: v.fps,
+        max_frames: v.max_frames,
+        min_pixels: v.min_pixels,
+        max_pixels: v.max_pixels,
+        total_pixels: v.total_pixels,
+        ..Default::default()
+    }
+}
+
+/// What a REST inference asks.
+struct Ask {
+    prompt: String,
+    params: VideoParams,
+    temperature: Option<f64>,
+    max_tokens: Option<usize>,
+}
+
+/// Samples the clip (blocking, off the runtime), asks the engine, collects the answer.
+async fn analyze(
+    state: &AppState,
+    path: &Path,
+    ask: Ask,
+    fetch_ms: f64,
+    started: Instant,
+) -> Result<InferenceResponse, ApiFailure> {
+    let Ask { prompt, params, temperature, max_tokens } = ask;
+    let engine = state.engine()?;
+    if prompt.trim().is_empty() {
+        return Err(ApiFailure::bad_request("prompt must not be empty"));
+    }
+    let t = Instant::now();
+    let opts = sample_options(&params);
+    let p = path.to_owned();
+    let sampled =
+        tokio::task::spawn_blocking(move || crate::clip::sample_file(&p, &opts, ingest::DecodeOptions::default()))
+            .await
+            .map_err(internal)?
+            .map_err(|e| match e {
+                crate::clip::ClipError::Ingest(e) => ApiFailure::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ErrorCode::BadRequest,
+                    format!("not a playable video: {e}"),
+                ),
+                crate::clip::ClipError::Sample(e) => {
+                    ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, e.to_string())
+                }
+            })?;
+    let preprocess_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let temperature = temperature.unwrap_or(0.0);
+    let generation = inference::GenerationParams {
+        sampling: inference::sampling::SamplingParams {
+            temperature,
+            top_k: if temperature > 0.0 { 20 } else { 0 },
+            top_p: if temperature > 0.0 { 0.8 } else { 1.0 },
+            ..inference::sampling::SamplingParams::greedy()
+        },
+        max_tokens: max_tokens.unwrap_or(256).clamp(1, 8192),
+        stop: vec![],
+        capture: false,
+        ignore_eos: false,
+    };
+    let request = inference::Request {
+        messages: vec![inference::processor::Message::user_video(&prompt)],
+        videos: vec![sampled.into_video_input()],
+        generation,
+    };
+    let mut events = engine.submit(request).map_err(|e| match e {
+        inference::Error::QueueFull(_) => {
+            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())
+        }
+        inference::Error::Input(m) => ApiFailure::bad_request(m),
+        other => internal(other),
+    })?;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            EngineEvent::Done { finish_reason, text, usage, timings, .. } => {
+                state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                state.metrics.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+                return Ok(InferenceResponse {
+                    text,
+                    model: engine.info().model.clone(),
+                    finish_reason: finish_reason.as_str().into(),
+                    usage: protocol::Usage {
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+                    },
+                    timings: InferenceTimings {
+                        fetch_ms,
+                        preprocess_ms,
+                        model: protocol::Timings {
+                            queue_ms: timings.queue_ms,
+                            vision_ms: timings.vision_ms,
+                            prefill_ms: timings.prefill_ms,
+                            ttft_ms: timings.ttft_ms,
+                            decode_tok_s: timings.decode_tok_s,
+                        },
+                        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    },
+                });
+            }
+            EngineEvent::Failed { error } => {
+                return Err(ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::Model, error.to_string()));
+            }
+            _ => {}
+        }
+    }
+    Err(internal("the engine stopped"))
+}
+
+/// `POST /v1/inference/upload`: multipart with `file`, `prompt`, and optional `video_params`
+/// (JSON), `temperature`, `max_tokens`.
+pub(crate) async fn inference_upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized(&state, &headers)?;
+    let started = Instant::now();
+    let path = state.config.data_dir.join("uploads").join(format!("{}.req", new_id()));
+    let _cleanup = TempFile(path.clone());
+    let (mut prompt, mut params, mut temperature, mut max_tokens, mut have_file) =
+        (None, VideoParams::default(), None, None, false);
+    while let Some(field) =
+        multipart.next_field().await.map_err(|e| ApiFailure::bad_request(format!("bad multipart body: {e}")))?
+    {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            receive_file(field, &path, state.config.max_upload_bytes).await?;
+            have_file = true;
+            continue;
+        }
+        let text = field.text().await.map_err(|e| ApiFailure::bad_request(format!("field {name}: {e}")))?;
+        match name.as_str() {
+            "prompt" => prompt = Some(text),
+            "video_params" => {
+                params =
+                    serde_json::from_str(&text).map_err(|e| ApiFailure::bad_request(format!("video_params: {e}")))?
+            }
+            "temperature" => {
+                temperature =
+                    Some(text.trim().parse().map_err(|_| ApiFailure::bad_request("temperature must be a number"))?)
+            }
+            "max_tokens" => {
+                max_tokens =
+                    Some(text.trim().parse().map_err(|_| ApiFailure::bad_request("max_tokens must be an integer"))?)
+            }
+            _ => return Err(ApiFailure::bad_request(format!("unknown field {name:?}"))),
+        }
+    }
+    if !have_file {
+        return Err(ApiFailure::bad_request("the multipart body needs a part named \"file\""));
+    }
+    let prompt = prompt.ok_or_else(|| ApiFailure::bad_request("the multipart body needs a part named \"prompt\""))?;
+    let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let r = analyze(&state, &path, Ask { prompt, params, temperature, max_tokens }, fetch_ms, started).await?;
+    Ok(axum::Json(r))
+}
+
+/// Whether an address is one a URL fetch must not reach unless allowed.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_broadcast()
+                || v.octets()[0] == 100 && (64..128).contains(&v.octets()[1]) // carrier-grade NAT
+        }
+        IpAddr::V6(v) => {
+            v.is_loopback()
+                || v.is_unspecified()
+                || (v.segments()[0] & 0xfe00) == 0xfc00
+                || (v.segments()[0] & 0xffc0) == 0xfe80
+                || v.to_ipv4_mapped().is_some_and(|m| is_private(IpAddr::V4(m)))
+        }
+    }
+}
+
+/// Downloads `url` to `path` (blocking): http(s) only, no redirects, checked addresses, size limit.
+fn fetch(url: &str, path: &Path, limit: u64, allow_private: bool) -> Result<u64, ApiFailure> {
+    let parsed = url::Url::parse(url).map_err(|e| ApiFailure::bad_request(format!("invalid url: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ApiFailure::bad_request("only http and https URLs are fetched"));
+    }
+    let host = parsed.host().ok_or_else(|| ApiFailure::bad_request("the url has no host"))?.to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let addrs: Vec<std::net::SocketAddr> = match &host {
+        url::Host::Ipv4(ip) => vec![(*ip, port).into()],
+        url::Host::Ipv6(ip) => vec![(*ip, port).into()],
+        url::Host::Domain(d) => (d.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                ApiFailure::new(StatusCode::BAD_GATEWAY, ErrorCode::Source, format!("cannot resolve {d}: {e}"))
+            })?
+            .collect(),
+    };
+    if !allow_private && addrs.iter().any(|a| is_private(a.ip())) {
+        return Err(ApiFailure::bad_request(format!(
+            "{host} resolves to a loopback, private or link-local address; fetching it is not allowed (see --allow-private-urls)"
+        )));
+    }
+    // Connect to the address just checked, so DNS cannot change between check and use.
+    let addr = *addrs.first().ok_or_else(|| ApiFailure::bad_request("the host has no address"))?;
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout_connect(std::time::Duration::from_secs(10))
+        .timeout_read(std::time::Duration::from_secs(30))
+        .resolver(move |_: &str| Ok(vec![addr]))
+        .build();
+    let resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => ApiFailure::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Source,
+            format!("fetching the url answered HTTP {code}"),
+        ),
+        other @ ureq::Error::Transport(_) => {
+            ApiFailure::new(StatusCode::BAD_GATEWAY, ErrorCode::Source, format!("cannot fetch the url: {other}"))
+        }
+    })?;
+    if (300..400).contains(&resp.status()) {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Source,
+            "the url redirects; give the final address",
+        ));
+    }
+    let mut reader = resp.into_reader().take(limit + 1);
+    let mut file = std::fs::File::create(path).map_err(internal)?;
+    let n = std::io::copy(&mut reader, &mut file).map_err(|e| {
+        ApiFailure::new(StatusCode::BAD_GATEWAY, ErrorCode::Source, format!("the download broke off: {e}"))
+    })?;
+    if n > limit {
+        return Err(ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BadRequest,
+            format!("the clip is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(n)
+}
+
+/// `POST /v1/inference/url`.
+pub(crate) async fn inference_url(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized(&state, &headers)?;
+    let started = Instant::now();
+    let req: UrlInferenceRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid JSON body: {e}")))?;
+    let path = state.config.data_dir.join("uploads").join(format!("{}.url", new_id()));
+    let _cleanup = TempFile(path.clone());
+    let (url, p, limit, allow) =
+        (req.url.clone(), path.clone(), state.config.max_upload_bytes, state.config.allow_private_urls);
+    tokio::task::spawn_blocking(move || fetch(&url, &p, limit, allow)).await.map_err(internal)??;
+    let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let ask =
+        Ask { prompt: req.prompt, params: req.video_params, temperature: req.temperature, max_tokens: req.max_tokens };
+    let r = analyze(&state, &path, ask, fetch_ms, started).await?;
+    Ok(axum::Json(r))
+}
+
+/// `GET /metrics` in the Prometheus text format.
+pub(crate) async fn metrics(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized(&state, &headers)?;
+    let m = &state.metrics;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    line("lookout_sessions_active", "gauge", "Open WebSocket sessions.", state.sessions.load(Ordering::Relaxed) as u64);
+    line("lookout_sessions_total", "counter", "WebSocket sessions started.", m.sessions.load(Ordering::Relaxed));
+    line("lookout_windows_total", "counter", "Windows analysed.", m.windows.load(Ordering::Relaxed));
+    line(
+        "lookout_windows_skipped_total",
+        "counter",
+        "Windows dropped because the model fell behind.",
+        m.skipped.load(Ordering::Relaxed),
+    );
+    line("lookout_tokens_total", "counter", "Tokens generated.", m.tokens.load(Ordering::Relaxed));
+    line("lookout_uploads_total", "counter", "Clips uploaded.", m.uploads.load(Ordering::Relaxed));
+    line(
+        "lookout_rest_requests_total",
+        "counter",
+        "REST inference requests answered.",
+        m.requests.load(Ordering::Relaxed),
+    );
+    if let Ok(engine) = state.engine() {
+        let s = engine.stats();
+        line(
+            "lookout_engine_completed_total",
+            "counter",
+            "Engine requests completed.",
+            s.completed.load(Ordering::Relaxed),
+        );
+        line(
+            "lookout_engine_cancelled_total",
+            "counter",
+            "Engine requests cancelled by their client.",
+            s.cancelled.load(Ordering::Relaxed),
+        );
+        line(
+            "lookout_engine_failed_total",
+            "counter",
+            "Engine requests that failed.",
+            s.failed.load(Ordering::Relaxed),
+        );
+    }
+    Ok(([("content-type", "text/plain; version=0.0.4")], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_addresses_are_recognized() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.5",
+            "169.254.1.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "100.64.0.1",
+        ] {
+            assert!(is_private(a.parse().unwrap()), "{a}");
+        }
+        for a in ["8.8.8.8", "2001:4860::8888", "100.128.0.1"] {
+            assert!(!is_private(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn non_http_urls_are_refused_without_network() {
+        let p = std::env::temp_dir().join("lookout-never-written");
+        assert!(fetch("file:///etc/passwd", &p, 10, false).is_err());
+        assert!(fetch("not a url", &p, 10, false).is_err());
+        let e = fetch("http://127.0.0.1:9/clip.mp4", &p, 10, false).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

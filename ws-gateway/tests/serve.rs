@@ -213,6 +213,16 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     send(&mut ws, &start_msg("doesnotexist", "p")).await;
     assert!(matches!(recv(&mut ws).await, ServerMessage::Error { fatal: true, .. }));
     assert!(matches!(recv(&mut ws).await, ServerMessage::Ended { .. }));
+    // A URL source at a private address is refused with a reason; an unreachable one too.
+    for (url, needle) in [("http://192.168.1.20/cam.mp4", "not allowed"), ("http://127.0.0.1:9/x.mp4", "not allowed")] {
+        let mut ws = connect(&server.base).await;
+        let m = ClientMessage::Start { source: Source::Url { url: url.into(), speed: None, looped: None }, prompt: "p".into(), window: None, generation: None };
+        send(&mut ws, &m).await;
+        match recv(&mut ws).await {
+            ServerMessage::Error { message, fatal: true, .. } => assert!(message.contains(needle), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
     // Still serving.
     let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4")).unwrap();
     let (status, _) = upload(&server.base, clip, None).await;

@@ -92,9 +92,9 @@ impl AppState {
 /// An error answer of the REST API: one place maps kinds to status codes.
 #[derive(Debug)]
 pub(crate) struct ApiFailure {
-    status: StatusCode,
-    code: ErrorCode,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl ApiFailure {

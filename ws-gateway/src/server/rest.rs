@@ -22,7 +22,7 @@ fn internal(e: impl std::fmt::Display) -> ApiFailure {
 }
 
 /// Removes a temporary clip when the request ends, whatever happens.
-struct TempFile(PathBuf);
+pub(crate) struct TempFile(pub(crate) PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -213,7 +213,7 @@ fn is_private(ip: IpAddr) -> bool {
 }
 
 /// Downloads `url` to `path` (blocking): http(s) only, no redirects, checked addresses, size limit.
-fn fetch(url: &str, path: &Path, limit: u64, allow_private: bool) -> Result<u64, ApiFailure> {
+pub(crate) fn fetch(url: &str, path: &Path, limit: u64, allow_private: bool) -> Result<u64, ApiFailure> {
     let parsed = url::Url::parse(url).map_err(|e| ApiFailure::bad_request(format!("invalid url: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(ApiFailure::bad_request("only http and https URLs are fetched"));

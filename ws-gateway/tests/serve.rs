@@ -216,7 +216,12 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     // A URL source at a private address is refused with a reason; an unreachable one too.
     for (url, needle) in [("http://192.168.1.20/cam.mp4", "not allowed"), ("http://127.0.0.1:9/x.mp4", "not allowed")] {
         let mut ws = connect(&server.base).await;
-        let m = ClientMessage::Start { source: Source::Url { url: url.into(), speed: None, looped: None }, prompt: "p".into(), window: None, generation: None };
+        let m = ClientMessage::Start {
+            source: Source::Url { url: url.into(), speed: None, looped: None },
+            prompt: "p".into(),
+            window: None,
+            generation: None,
+        };
         send(&mut ws, &m).await;
         match recv(&mut ws).await {
             ServerMessage::Error { message, fatal: true, .. } => assert!(message.contains(needle), "{message}"),
@@ -397,6 +402,66 @@ async fn private_address_urls_are_refused_by_default() {
         assert_eq!(status, 400, "{url}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("not allowed"), "{v}");
     }
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_completions_whole_and_streamed() {
+    let mut server = start(None, 50 << 20).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let (_, body) = upload(&server.base, clip, None).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let request = |stream: bool| {
+        serde_json::json!({
+            "model": "tiny", "stream": stream, "max_tokens": 8, "temperature": 0,
+            "video_params": {"fps": 1.0, "min_pixels": 4096, "max_pixels": 16384},
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": format!("upload:{id}")}},
+                                             {"type": "text", "text": "What happens?"}]}]
+        })
+        .to_string()
+    };
+    let url = format!("http://{}/v1/chat/completions", server.base);
+    let (status, whole) = post_json(url.clone(), request(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["usage"]["completion_tokens"], 8);
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+
+    let body = request(true);
+    let sse = tokio::task::spawn_blocking(move || {
+        ureq::post(&url).set("Content-Type", "application/json").send_string(&body).unwrap().into_string().unwrap()
+    })
+    .await
+    .unwrap();
+    let data: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(*data.last().unwrap(), "[DONE]");
+    let mut streamed = String::new();
+    let mut finish = None;
+    for d in &data[..data.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    assert_eq!(streamed, content, "the streamed pieces add up to the whole answer");
+    assert_eq!(finish.as_deref(), Some("length"));
+
+    // Bad requests.
+    let url = format!("http://{}/v1/chat/completions", server.base);
+    let (status, _) = post_json(url.clone(), r#"{"messages": []}"#.into()).await;
+    assert_eq!(status, 400);
+    let bad =
+        r#"{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "upload:nope"}}]}]}"#;
+    let (status, v) = post_json(url, bad.into()).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("no upload"));
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }

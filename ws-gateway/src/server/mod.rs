@@ -9,6 +9,7 @@
 //!
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
+mod openai;
 mod rest;
 mod session;
 mod uploads;
@@ -161,6 +162,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/inference/url", post(rest::inference_url))
         .route("/metrics", get(rest::metrics))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .with_state(state)
 }
 

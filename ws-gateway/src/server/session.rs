@@ -250,7 +250,9 @@ async fn drive(
     let mut _fetched = None;
     let (path, opts) = match &source {
         Source::Upload { id, speed, looped } => match uploads::upload_path(&state.config.data_dir, id) {
-            Some(p) if p.is_file() => (p, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) }),
+            Some(p) if p.is_file() => {
+                (p, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) })
+            }
             _ => {
                 let _ = send(out, err(ErrorCode::BadRequest, format!("no upload with id {id:?}"), true)).await;
                 return "bad source".into();
@@ -258,12 +260,14 @@ async fn drive(
         },
         Source::Url { url, speed, looped } => {
             let path = state.config.data_dir.join("uploads").join(format!("{}.url", uploads::new_id()));
-            let (u, p, limit, allow) = (url.clone(), path.clone(), state.config.max_upload_bytes, state.config.allow_private_urls);
+            let (u, p, limit, allow) =
+                (url.clone(), path.clone(), state.config.max_upload_bytes, state.config.allow_private_urls);
             match tokio::task::spawn_blocking(move || super::rest::fetch(&u, &p, limit, allow)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     let _ = std::fs::remove_file(&path);
-                    let code = if e.status == StatusCode::BAD_REQUEST { ErrorCode::BadRequest } else { ErrorCode::Source };
+                    let code =
+                        if e.status == StatusCode::BAD_REQUEST { ErrorCode::BadRequest } else { ErrorCode::Source };
                     let _ = send(out, err(code, e.message, true)).await;
                     return "bad source".into();
                 }

@@ -1,0 +1,261 @@
+//! `POST /v1/chat/completions`: an OpenAI-compatible chat API with `video_url` content parts
+//! (an http(s) URL, fetched with the URL guard, or an upload id as `upload:ID`), answered whole
+//! or streamed as server-sent events with `stream: true`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use inference::EngineEvent;
+use inference::processor::{Content, Message, Part};
+use protocol::{ErrorCode, VideoParams};
+use serde::Deserialize;
+
+use super::rest::{TempFile, fetch};
+use super::uploads::{new_id, upload_path};
+use super::{ApiFailure, AppState, authorized};
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ChatContent {
+    Text(String),
+    Parts(Vec<ChatPart>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ChatPart {
+    Text { text: String },
+    VideoUrl { video_url: VideoUrl },
+}
+
+#[derive(Deserialize)]
+struct VideoUrl {
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: ChatContent,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    /// Lookout extension: how clips are sampled.
+    #[serde(default)]
+    video_params: VideoParams,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiFailure> {
+    authorized(&state, &headers)?;
+    let req: ChatRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid chat request: {e}")))?;
+    let engine = state.engine()?;
+    if req.messages.is_empty() {
+        return Err(ApiFailure::bad_request("messages must not be empty"));
+    }
+    // Resolve every video part to a local file, then sample them all off the runtime.
+    let mut messages = Vec::new();
+    let mut clips = Vec::new();
+    let mut temps = Vec::new();
+    for m in req.messages {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiFailure::bad_request(format!("unknown role {:?}", m.role)));
+        }
+        let content = match m.content {
+            ChatContent::Text(t) => Content::Text(t),
+            ChatContent::Parts(parts) => {
+                let mut out = Vec::new();
+                for p in parts {
+                    match p {
+                        ChatPart::Text { text } => out.push(Part::Text(text)),
+                        ChatPart::VideoUrl { video_url } => {
+                            let url = video_url.url;
+                            let path = if let Some(id) = url.strip_prefix("upload:") {
+                                upload_path(&state.config.data_dir, id)
+                                    .filter(|p| p.is_file())
+                                    .ok_or_else(|| ApiFailure::bad_request(format!("no upload with id {id:?}")))?
+                            } else {
+                                let path = state.config.data_dir.join("uploads").join(format!("{}.chat", new_id()));
+                                let (u, p, limit, allow) = (
+                                    url.clone(),
+                                    path.clone(),
+                                    state.config.max_upload_bytes,
+                                    state.config.allow_private_urls,
+                                );
+                                temps.push(TempFile(path.clone()));
+                                tokio::task::spawn_blocking(move || fetch(&u, &p, limit, allow)).await.map_err(
+                                    |e| {
+                                        ApiFailure::new(
+                                            StatusCode::INTERNAL_SERVER_ERROR,
+                                            ErrorCode::Internal,
+                                            e.to_string(),
+                                        )
+                                    },
+                                )??;
+                                path
+                            };
+                            clips.push(path);
+                            out.push(Part::Video);
+                        }
+                    }
+                }
+                Content::Parts(out)
+            }
+        };
+        messages.push(Message { role: m.role, content });
+    }
+    let opts = sampler::SampleOptions {
+        fps: req.video_params.fps,
+        max_frames: req.video_params.max_frames,
+        min_pixels: req.video_params.min_pixels,
+        max_pixels: req.video_params.max_pixels,
+        total_pixels: req.video_params.total_pixels,
+        ..Default::default()
+    };
+    let videos = tokio::task::spawn_blocking(move || {
+        clips
+            .iter()
+            .map(|p| crate::clip::sample_file(p, &opts, ingest::DecodeOptions::default()).map(|s| s.into_video_input()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, e.to_string()))?;
+    drop(temps);
+
+    let temperature = req.temperature.unwrap_or(0.0);
+    let generation = inference::GenerationParams {
+        sampling: inference::sampling::SamplingParams {
+            temperature,
+            top_k: req.top_k.unwrap_or(if temperature > 0.0 { 20 } else { 0 }),
+            top_p: req.top_p.unwrap_or(if temperature > 0.0 { 0.8 } else { 1.0 }),
+            repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            seed: req.seed.unwrap_or(3407),
+        },
+        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(256).clamp(1, 8192),
+        stop: match req.stop {
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+            None => vec![],
+        },
+        capture: false,
+        ignore_eos: false,
+    };
+    let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(|e| match e {
+        inference::Error::QueueFull(_) => {
+            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())
+        }
+        inference::Error::Input(m) => ApiFailure::bad_request(m),
+        other => ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, other.to_string()),
+    })?;
+    let id = format!("chatcmpl-{}", new_id());
+    let model = req.model.unwrap_or_else(|| engine.info().model.clone());
+    let created = now();
+    let started = Instant::now();
+
+    if !req.stream {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                EngineEvent::Done { finish_reason, text, usage, .. } => {
+                    state.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(axum::Json(serde_json::json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason.as_str()}],
+                        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+                    }))
+                    .into_response());
+                }
+                EngineEvent::Failed { error } => {
+                    return Err(ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::Model, error.to_string()));
+                }
+                _ => {}
+            }
+        }
+        return Err(ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "the engine stopped"));
+    }
+
+    // Streaming: one chunk per token piece, a final chunk with the finish reason, then [DONE].
+    let chunk = move |delta: serde_json::Value, finish: Option<&str>| {
+        serde_json::json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+        .to_string()
+    };
+    let first = chunk(serde_json::json!({"role": "assistant", "content": ""}), None);
+    let stream = futures_util::stream::unfold(
+        (Some(events), Some(first), chunk, started),
+        |(mut events, mut pending, chunk, started)| async move {
+            if let Some(p) = pending.take() {
+                return Some((Ok::<_, Infallible>(Event::default().data(p)), (events, None, chunk, started)));
+            }
+            let rx = events.as_mut()?;
+            loop {
+                match rx.recv().await {
+                    Some(EngineEvent::Token { text }) => {
+                        let data = chunk(serde_json::json!({"content": text}), None);
+                        return Some((Ok(Event::default().data(data)), (events, None, chunk, started)));
+                    }
+                    Some(EngineEvent::Done { finish_reason, .. }) => {
+                        let data = chunk(serde_json::json!({}), Some(finish_reason.as_str()));
+                        return Some((Ok(Event::default().data(data)), (None, Some("[DONE]".into()), chunk, started)));
+                    }
+                    Some(EngineEvent::Failed { error }) => {
+                        let data =
+                            serde_json::json!({"error": {"code": "model", "message": error.to_string()}}).to_string();
+                        return Some((Ok(Event::default().data(data)), (None, Some("[DONE]".into()), chunk, started)));
+                    }
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).into_response())
+}

@@ -465,3 +465,33 @@ async fn openai_chat_completions_whole_and_streamed() {
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_and_docs_are_served_from_the_binary() {
+    let mut server = start(None, 1 << 20).await;
+    let base = server.base.clone();
+    let (doc, page) = tokio::task::spawn_blocking(move || {
+        let doc: serde_json::Value =
+            ureq::get(&format!("http://{base}/openapi.json")).call().unwrap().into_json().unwrap();
+        let page = ureq::get(&format!("http://{base}/docs")).call().unwrap().into_string().unwrap();
+        (doc, page)
+    })
+    .await
+    .unwrap();
+    for path in [
+        "/v1/health",
+        "/v1/models",
+        "/v1/uploads",
+        "/v1/inference/upload",
+        "/v1/inference/url",
+        "/v1/chat/completions",
+        "/v1/ws",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert!(page.contains("Lookout API") && page.contains("/openapi.json"));
+    assert!(!page.contains("https://"), "the docs page must not load anything from elsewhere");
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}

@@ -152,6 +152,17 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     })))
 }
 
+/// The OpenAPI description, embedded at build time.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], OPENAPI)
+}
+
+async fn docs() -> impl IntoResponse {
+    axum::response::Html(include_str!("docs.html"))
+}
+
 /// Builds the router (separate from serving, for tests).
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -163,6 +174,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/inference/url", post(rest::inference_url))
         .route("/metrics", get(rest::metrics))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/openapi.json", get(openapi))
+        .route("/docs", get(docs))
         .with_state(state)
 }
 

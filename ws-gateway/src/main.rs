@@ -31,64 +31,101 @@ enum Command {
     Serve(Box<ServeArgs>),
 }
 
-#[derive(Args)]
+/// `lookout serve` settings. Each comes from the flag, else the `LOOKOUT_*` variable, else the
+/// `--config` TOML file (same names, snake_case), else the default.
+#[derive(Args, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ServeArgs {
+    /// A TOML file with any of these settings.
+    #[arg(long, env = "LOOKOUT_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// A local checkpoint directory or a Hub id.
     #[arg(long, env = "LOOKOUT_MODEL")]
-    model: String,
-    /// Address to listen on.
-    #[arg(long, env = "LOOKOUT_HOST", default_value = "127.0.0.1")]
-    host: String,
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "LOOKOUT_PORT", default_value_t = 8000)]
-    port: u16,
-    /// Where uploads are kept.
-    #[arg(long, env = "LOOKOUT_DATA_DIR", default_value = "lookout-data")]
-    data_dir: PathBuf,
+    model: Option<String>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "LOOKOUT_HOST")]
+    host: Option<String>,
+    /// Port to listen on, 0 picks a free one [default: 8000].
+    #[arg(long, env = "LOOKOUT_PORT")]
+    port: Option<u16>,
+    /// Where uploads are kept [default: lookout-data].
+    #[arg(long, env = "LOOKOUT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Require `Authorization: Bearer KEY` on every route but /v1/health.
     #[arg(long, env = "LOOKOUT_API_KEY")]
     api_key: Option<String>,
-    /// Largest upload, MiB.
-    #[arg(long, env = "LOOKOUT_MAX_UPLOAD_MB", default_value_t = 512)]
-    max_upload_mb: u64,
-    /// Concurrent WebSocket sessions.
-    #[arg(long, env = "LOOKOUT_MAX_SESSIONS", default_value_t = 8)]
-    max_sessions: usize,
-    /// Largest WebSocket message from a client, KiB.
-    #[arg(long, env = "LOOKOUT_MAX_WS_MESSAGE_KB", default_value_t = 64)]
-    max_ws_message_kb: usize,
-    /// Requests that may wait for the engine.
-    #[arg(long, env = "LOOKOUT_ENGINE_QUEUE", default_value_t = 8)]
-    engine_queue: usize,
-    /// Weight and activation dtype: f32, bf16 or f16.
-    #[arg(long, env = "LOOKOUT_DTYPE", default_value = "f32")]
-    dtype: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "LOOKOUT_DEVICE", default_value = "cpu")]
-    device: String,
+    /// Largest upload, MiB [default: 512].
+    #[arg(long, env = "LOOKOUT_MAX_UPLOAD_MB")]
+    max_upload_mb: Option<u64>,
+    /// Concurrent WebSocket sessions [default: 8].
+    #[arg(long, env = "LOOKOUT_MAX_SESSIONS")]
+    max_sessions: Option<usize>,
+    /// Largest WebSocket message from a client, KiB [default: 64].
+    #[arg(long, env = "LOOKOUT_MAX_WS_MESSAGE_KB")]
+    max_ws_message_kb: Option<usize>,
+    /// Requests that may wait for the engine [default: 8].
+    #[arg(long, env = "LOOKOUT_ENGINE_QUEUE")]
+    engine_queue: Option<usize>,
+    /// Weight and activation dtype: f32, bf16 or f16 [default: f32].
+    #[arg(long, env = "LOOKOUT_DTYPE")]
+    dtype: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "LOOKOUT_DEVICE")]
+    device: Option<String>,
     /// Let URL sources reach loopback, private and link-local addresses.
-    #[arg(long, env = "LOOKOUT_ALLOW_PRIVATE_URLS")]
-    allow_private_urls: bool,
+    #[arg(long, env = "LOOKOUT_ALLOW_PRIVATE_URLS", num_args = 0..=1, default_missing_value = "true")]
+    allow_private_urls: Option<bool>,
+}
+
+impl ServeArgs {
+    /// Flags and variables win over the file.
+    fn merged(self) -> anyhow::Result<Self> {
+        let Some(path) = &self.config else { return Ok(self) };
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let f: ServeArgs = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(ServeArgs {
+            config: self.config,
+            model: self.model.or(f.model),
+            host: self.host.or(f.host),
+            port: self.port.or(f.port),
+            data_dir: self.data_dir.or(f.data_dir),
+            api_key: self.api_key.or(f.api_key),
+            max_upload_mb: self.max_upload_mb.or(f.max_upload_mb),
+            max_sessions: self.max_sessions.or(f.max_sessions),
+            max_ws_message_kb: self.max_ws_message_kb.or(f.max_ws_message_kb),
+            engine_queue: self.engine_queue.or(f.engine_queue),
+            dtype: self.dtype.or(f.dtype),
+            device: self.device.or(f.device),
+            allow_private_urls: self.allow_private_urls.or(f.allow_private_urls),
+        })
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let args = args.merged()?;
+    let model = args
+        .model
+        .ok_or_else(|| anyhow::anyhow!("no model: give --model, LOOKOUT_MODEL or `model` in the config file"))?;
+    let host = args.host.unwrap_or_else(|| "127.0.0.1".into());
+    let port = args.port.unwrap_or(8000);
     let config = ws_gateway::server::ServeConfig {
-        model: args.model,
-        device: args.device.parse()?,
-        dtype: inference::parse_dtype(&args.dtype)?,
-        data_dir: args.data_dir,
+        model,
+        device: args.device.as_deref().unwrap_or("cpu").parse()?,
+        dtype: inference::parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?,
+        data_dir: args.data_dir.unwrap_or_else(|| "lookout-data".into()),
         api_key: args.api_key.filter(|k| !k.is_empty()),
-        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
-        max_sessions: args.max_sessions.max(1),
-        max_ws_message_bytes: args.max_ws_message_kb.max(1) * 1024,
-        engine_queue: args.engine_queue.max(1),
-        allow_private_urls: args.allow_private_urls,
+        max_upload_bytes: args.max_upload_mb.unwrap_or(512).saturating_mul(1 << 20),
+        max_sessions: args.max_sessions.unwrap_or(8).max(1),
+        max_ws_message_bytes: args.max_ws_message_kb.unwrap_or(64).max(1) * 1024,
+        engine_queue: args.engine_queue.unwrap_or(8).max(1),
+        allow_private_urls: args.allow_private_urls.unwrap_or(false),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", args.host, args.port))?;
+            .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
         eprintln!("lookout listening on http://{}", listener.local_addr()?);
         ws_gateway::server::serve(config, listener, ws_gateway::server::shutdown_signal()).await
     })

@@ -100,3 +100,75 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(&["sample", "--video", clip, "--fps=-2", "--out", out], "fps");
     assert_one_line_error(&["sample", "--video", clip, "--out", "/no/such/dir/x.safetensors"], "cannot write");
 }
+
+/// Starts `lookout serve` with `args` and `envs`, returns the child and its address.
+fn spawn_serve(args: &[&str], envs: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lookout"));
+    cmd.arg("serve").args(args).stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stderr).read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    (child, addr)
+}
+
+#[test]
+fn serve_reads_a_toml_config_and_flags_or_env_win() {
+    let dir = tmp("serve-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = root().join("fixtures/models/tiny-tied");
+    let config = dir.join("lookout.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\nport = 0\ndata_dir = {:?}\nmax_sessions = 2\n",
+            model.to_str().unwrap(),
+            dir.join("data").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (mut child, addr) = spawn_serve(&["--config", config.to_str().unwrap()], &[("LOOKOUT_API_KEY", "k1")]);
+    let health: serde_json::Value = ureq_get(&format!("http://{addr}/v1/health"), None);
+    assert!(health["model"].as_str().unwrap().ends_with("tiny-tied"));
+    // The key came from the environment: routes other than health need it.
+    assert_eq!(ureq_status(&format!("http://{addr}/v1/models"), None), 401);
+    assert_eq!(ureq_status(&format!("http://{addr}/v1/models"), Some("k1")), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::write(&config, "modle = \"typo\"\n").unwrap();
+    let o = lookout(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown field"));
+}
+
+fn ureq_get(url: &str, key: Option<&str>) -> serde_json::Value {
+    for _ in 0..100 {
+        let mut r = ureq::get(url);
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        if let Ok(resp) = r.call() {
+            return resp.into_json().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{url} never answered");
+}
+
+fn ureq_status(url: &str, key: Option<&str>) -> u16 {
+    let mut r = ureq::get(url);
+    if let Some(k) = key {
+        r = r.set("Authorization", &format!("Bearer {k}"));
+    }
+    match r.call() {
+        Ok(resp) => resp.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -45,6 +45,9 @@ impl DeviceChoice {
                     ));
                 }
                 Device::new_cuda(n).map_err(|e| {
+                    // candle appends a backtrace to driver errors; the first line says what happened.
+                    let e = e.to_string();
+                    let e = e.lines().next().unwrap_or("unknown error");
                     Error::Device(format!(
                         "cannot open CUDA device {n}: {e}. Check that the NVIDIA driver is loaded and a GPU is visible \
                          (nvidia-smi), and that libcublas/libcurand/libcudart are on LD_LIBRARY_PATH"

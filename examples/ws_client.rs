@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! ready: s1, model fixtures/models/tiny-tied, h264 480x270 @ 25 fps
-//! [window 0: 0.00-0.75 s, 4 frames] ...streamed text...
+//! [window 0: 0.00-1.52 s, 4 frames] (first token 60 ms after the window) ...streamed text...
 //!   (stop, 6 tokens, ttft 41 ms)
 //! ended: end of stream
 //! ```
@@ -62,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     ws.send(Message::Text(serde_json::to_string(&start)?.into())).await?;
     let mut out = std::io::stdout();
+    let mut window_at = None;
     while let Some(msg) = ws.next().await {
         let Message::Text(text) = msg? else { continue };
         match serde_json::from_str::<ServerMessage>(&text)? {
@@ -72,9 +73,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
             }
             ServerMessage::Window { id, start_s, end_s, frames, .. } => {
+                window_at = Some(std::time::Instant::now());
                 print!("[window {id}: {start_s:.2}-{end_s:.2} s, {frames} frames] ")
             }
-            ServerMessage::Token { text, .. } => print!("{text}"),
+            ServerMessage::Token { text, .. } => {
+                if let Some(at) = window_at.take() {
+                    print!("(first token {:.0} ms after the window) ", at.elapsed().as_secs_f64() * 1000.0);
+                }
+                print!("{text}")
+            }
             ServerMessage::WindowDone { finish_reason, usage, timings, .. } => {
                 println!("\n  ({finish_reason}, {} tokens, ttft {:.0} ms)", usage.completion_tokens, timings.ttft_ms)
             }

@@ -29,4 +29,7 @@ if command -v rustup >/dev/null 2>&1; then
   for c in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
   done
+  # The wire types (and later the web UI) compile for the browser.
+  rustup target list --installed 2>/dev/null | grep -q '^wasm32-unknown-unknown$' ||
+    rustup target add wasm32-unknown-unknown >/dev/null
 fi

@@ -156,6 +156,7 @@ async fn replayed_upload_streams_windows_and_tokens() {
     );
 
     let mut windows = 0;
+    let mut prompt_tokens = Vec::new();
     let mut tokens = String::new();
     let mut current = None;
     let mut saw_status = false;
@@ -176,10 +177,12 @@ async fn replayed_upload_streams_windows_and_tokens() {
                 assert_eq!(Some(window), current);
                 assert_eq!(tokens, text, "streamed tokens must add up to the window's text");
                 assert!(usage.completion_tokens >= 1);
+                prompt_tokens.push(usage.prompt_tokens);
                 windows += 1;
                 if windows == 1 {
                     // Change the prompt: it applies from the next window.
-                    send(&mut ws, &ClientMessage::Prompt { text: "Count the shapes.".into() }).await;
+                    let longer = "Count the shapes, name every colour you see, and say which of them move.";
+                    send(&mut ws, &ClientMessage::Prompt { text: longer.into() }).await;
                 }
             }
             ServerMessage::Status { .. } => saw_status = true,
@@ -189,6 +192,10 @@ async fn replayed_upload_streams_windows_and_tokens() {
         }
     };
     assert!(windows >= 2, "only {windows} windows");
+    // Same video grid, longer prompt: once a window uses the new prompt, all later ones do (a
+    // window already cut when the message arrives may still use the old one).
+    let first_new = prompt_tokens.iter().position(|&n| n > prompt_tokens[0]).expect("the new prompt was never used");
+    assert!(prompt_tokens[first_new..].iter().all(|&n| n == prompt_tokens[first_new]), "{prompt_tokens:?}");
     assert_eq!(ended, "end of stream");
     assert!(saw_status);
 
@@ -246,6 +253,18 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
     assert_eq!(status, 201);
     let id = body["id"].as_str().unwrap().to_owned();
     assert!(tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", server.base)).await.is_err());
+    let base = server.base.clone();
+    let (without, with) = tokio::task::spawn_blocking(move || {
+        let code = |u: String| match ureq::get(&u).call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, _)) => c,
+            Err(e) => panic!("{e}"),
+        };
+        (code(format!("http://{base}/docs")), code(format!("http://{base}/docs?api_key=sekrit")))
+    })
+    .await
+    .unwrap();
+    assert_eq!((without, with), (401, 200));
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?api_key=sekrit", server.base)).await.unwrap();
     let mut start = start_msg(&id, "p");

@@ -155,12 +155,38 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
 /// The OpenAPI description, embedded at build time.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-async fn openapi() -> impl IntoResponse {
-    ([("content-type", "application/json")], OPENAPI)
+/// `?api_key=` for the routes a browser opens directly (docs) or a WebSocket (no headers).
+#[derive(serde::Deserialize)]
+pub(crate) struct KeyQuery {
+    pub(crate) api_key: Option<String>,
 }
 
-async fn docs() -> impl IntoResponse {
-    axum::response::Html(include_str!("docs.html"))
+/// Checks the bearer header, or the `api_key` query parameter.
+pub(crate) fn authorized_or_query(state: &AppState, headers: &HeaderMap, q: &KeyQuery) -> Result<(), ApiFailure> {
+    if let (Some(key), Some(given)) = (&state.config.api_key, &q.api_key)
+        && key == given
+    {
+        return Ok(());
+    }
+    authorized(state, headers)
+}
+
+async fn openapi(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<KeyQuery>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized_or_query(&state, &headers, &q)?;
+    Ok(([("content-type", "application/json")], OPENAPI))
+}
+
+async fn docs(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<KeyQuery>,
+) -> Result<impl IntoResponse, ApiFailure> {
+    authorized_or_query(&state, &headers, &q)?;
+    Ok(axum::response::Html(include_str!("docs.html")))
 }
 
 /// Builds the router (separate from serving, for tests).

@@ -28,30 +28,19 @@ use sampler::stream::{Admission, WindowPolicy, WindowShape, Windower};
 use sampler::{ClipBuilder, Resizer};
 use tokio::sync::{Notify, mpsc};
 
-use super::{ApiFailure, AppState, authorized, uploads};
+use super::{ApiFailure, AppState, uploads};
 
 /// How long a client may leave messages unread before its session is ended.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(serde::Deserialize)]
-pub(crate) struct WsQuery {
-    api_key: Option<String>,
-}
-
 pub(crate) async fn ws(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<WsQuery>,
+    Query(q): Query<super::KeyQuery>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Browsers cannot set headers on a WebSocket: the key may also come as ?api_key=.
-    let mut headers = headers;
-    if let Some(k) = q.api_key
-        && let Ok(v) = format!("Bearer {k}").parse()
-    {
-        headers.insert("authorization", v);
-    }
-    if let Err(e) = authorized(&state, &headers) {
+    if let Err(e) = super::authorized_or_query(&state, &headers, &q) {
         return e.into_response();
     }
     let open = state.sessions.fetch_add(1, Ordering::SeqCst);

@@ -437,7 +437,7 @@ async fn openai_chat_completions_whole_and_streamed() {
             "video_params": {"fps": 1.0, "min_pixels": 4096, "max_pixels": 16384},
             "messages": [
                 {"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": format!("upload:{id}")}},
+                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": if stream { id.clone() } else { format!("upload:{id}") }}},
                                              {"type": "text", "text": "What happens?"}]}]
         })
         .to_string()

@@ -1,5 +1,5 @@
 //! `POST /v1/chat/completions`: an OpenAI-compatible chat API with `video_url` content parts
-//! (an http(s) URL, fetched with the URL guard, or an upload id as `upload:ID`), answered whole
+//! (an http(s) URL, fetched with the URL guard, or an upload id, bare or as `upload:ID`), answered whole
 //! or streamed as server-sent events with `stream: true`.
 
 use std::convert::Infallible;
@@ -114,7 +114,9 @@ pub(crate) async fn chat_completions(
                         ChatPart::Text { text } => out.push(Part::Text(text)),
                         ChatPart::VideoUrl { video_url } => {
                             let url = video_url.url;
-                            let path = if let Some(id) = url.strip_prefix("upload:") {
+                            let is_http = url.starts_with("http://") || url.starts_with("https://");
+                            let upload_id = url.strip_prefix("upload:").or((!is_http).then_some(url.as_str()));
+                            let path = if let Some(id) = upload_id {
                                 upload_path(&state.config.data_dir, id)
                                     .filter(|p| p.is_file())
                                     .ok_or_else(|| ApiFailure::bad_request(format!("no upload with id {id:?}")))?

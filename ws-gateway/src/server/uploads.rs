@@ -84,6 +84,9 @@ pub(crate) async fn upload(
     ))
 }
 
+/// How much of an oversized upload is read and discarded before answering 413.
+const DRAIN_LIMIT: u64 = 16 << 20;
+
 /// Streams one multipart field to `path`, refusing more than `limit` bytes (the partial file is
 /// removed on any failure). Returns the size.
 pub(crate) async fn receive_file(
@@ -109,6 +112,15 @@ pub(crate) async fn receive_file(
         if written > limit {
             drop(file);
             let _ = tokio::fs::remove_file(path).await;
+            // Read (and drop) a bounded remainder so the client, still sending, gets the 413
+            // instead of a reset connection; past that the connection is simply closed.
+            let mut drained = 0u64;
+            while drained < DRAIN_LIMIT {
+                match field.chunk().await {
+                    Ok(Some(c)) => drained += c.len() as u64,
+                    _ => break,
+                }
+            }
             return Err(ApiFailure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::BadRequest,

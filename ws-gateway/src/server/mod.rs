@@ -152,6 +152,46 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     })))
 }
 
+/// Generation parameters from wire settings: greedy unless a temperature is given, Qwen's
+/// recommended top-k 20 / top-p 0.8 when sampling, `default_max` new tokens unless told.
+pub(crate) fn generation(g: &protocol::GenerationSettings, default_max: usize) -> inference::GenerationParams {
+    let temperature = g.temperature.unwrap_or(0.0);
+    inference::GenerationParams {
+        sampling: inference::sampling::SamplingParams {
+            temperature,
+            top_k: g.top_k.unwrap_or(if temperature > 0.0 { 20 } else { 0 }),
+            top_p: g.top_p.unwrap_or(if temperature > 0.0 { 0.8 } else { 1.0 }),
+            repetition_penalty: g.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: g.presence_penalty.unwrap_or(0.0),
+            seed: g.seed.unwrap_or(3407),
+        },
+        max_tokens: g.max_tokens.unwrap_or(default_max).clamp(1, 8192),
+        stop: g.stop.clone(),
+        capture: false,
+        ignore_eos: false,
+    }
+}
+
+/// Engine token counts on the wire.
+pub(crate) fn wire_usage(u: inference::Usage) -> protocol::Usage {
+    protocol::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.prompt_tokens + u.completion_tokens,
+    }
+}
+
+/// Engine timings on the wire.
+pub(crate) fn wire_timings(t: inference::Timings) -> protocol::Timings {
+    protocol::Timings {
+        queue_ms: t.queue_ms,
+        vision_ms: t.vision_ms,
+        prefill_ms: t.prefill_ms,
+        ttft_ms: t.ttft_ms,
+        decode_tok_s: t.decode_tok_s,
+    }
+}
+
 /// The OpenAPI description, embedded at build time.
 pub const OPENAPI: &str = include_str!("openapi.json");
 

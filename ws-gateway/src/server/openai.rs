@@ -169,25 +169,21 @@ pub(crate) async fn chat_completions(
     .map_err(|e| ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, e.to_string()))?;
     drop(temps);
 
-    let temperature = req.temperature.unwrap_or(0.0);
-    let generation = inference::GenerationParams {
-        sampling: inference::sampling::SamplingParams {
-            temperature,
-            top_k: req.top_k.unwrap_or(if temperature > 0.0 { 20 } else { 0 }),
-            top_p: req.top_p.unwrap_or(if temperature > 0.0 { 0.8 } else { 1.0 }),
-            repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
-            presence_penalty: req.presence_penalty.unwrap_or(0.0),
-            seed: req.seed.unwrap_or(3407),
-        },
-        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(256).clamp(1, 8192),
+    let settings = protocol::GenerationSettings {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_k: req.top_k,
+        top_p: req.top_p,
+        repetition_penalty: req.repetition_penalty,
+        presence_penalty: req.presence_penalty,
+        seed: req.seed,
         stop: match req.stop {
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
             None => vec![],
         },
-        capture: false,
-        ignore_eos: false,
     };
+    let generation = super::generation(&settings, 256);
     let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(|e| match e {
         inference::Error::QueueFull(_) => {
             ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())

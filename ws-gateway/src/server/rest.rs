@@ -80,19 +80,8 @@ async fn analyze(
                 }
             })?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let temperature = temperature.unwrap_or(0.0);
-    let generation = inference::GenerationParams {
-        sampling: inference::sampling::SamplingParams {
-            temperature,
-            top_k: if temperature > 0.0 { 20 } else { 0 },
-            top_p: if temperature > 0.0 { 0.8 } else { 1.0 },
-            ..inference::sampling::SamplingParams::greedy()
-        },
-        max_tokens: max_tokens.unwrap_or(256).clamp(1, 8192),
-        stop: vec![],
-        capture: false,
-        ignore_eos: false,
-    };
+    let settings = protocol::GenerationSettings { temperature, max_tokens, ..Default::default() };
+    let generation = super::generation(&settings, 256);
     let request = inference::Request {
         messages: vec![inference::processor::Message::user_video(&prompt)],
         videos: vec![sampled.into_video_input()],
@@ -114,21 +103,11 @@ async fn analyze(
                     text,
                     model: engine.info().model.clone(),
                     finish_reason: finish_reason.as_str().into(),
-                    usage: protocol::Usage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                        total_tokens: usage.prompt_tokens + usage.completion_tokens,
-                    },
+                    usage: super::wire_usage(usage),
                     timings: InferenceTimings {
                         fetch_ms,
                         preprocess_ms,
-                        model: protocol::Timings {
-                            queue_ms: timings.queue_ms,
-                            vision_ms: timings.vision_ms,
-                            prefill_ms: timings.prefill_ms,
-                            ttft_ms: timings.ttft_ms,
-                            decode_tok_s: timings.decode_tok_s,
-                        },
+                        model: super::wire_timings(timings),
                         total_ms: started.elapsed().as_secs_f64() * 1000.0,
                     },
                 });

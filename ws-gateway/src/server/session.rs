@@ -23,7 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use inference::EngineEvent;
 use ingest::replay::{Replay, ReplayOptions};
 use ingest::ring::{FrameRing, Read, RingEnd};
-use protocol::{ClientMessage, ErrorCode, GenerationSettings, ServerMessage, Source, SourceInfo, WindowSettings};
+use protocol::{ClientMessage, ErrorCode, ServerMessage, Source, SourceInfo, WindowSettings};
 use sampler::stream::{Admission, WindowPolicy, WindowShape, Windower};
 use sampler::{ClipBuilder, Resizer};
 use tokio::sync::{Notify, mpsc};
@@ -117,25 +117,6 @@ fn policy(w: &Option<WindowSettings>) -> WindowPolicy {
         fps: w.fps.unwrap_or(d.fps),
         min_pixels: w.min_pixels.or(Some(4096)),
         max_pixels: w.max_pixels.or(Some(256 * 32 * 32)),
-    }
-}
-
-fn generation(g: &Option<GenerationSettings>) -> inference::GenerationParams {
-    let g = g.clone().unwrap_or_default();
-    let temperature = g.temperature.unwrap_or(0.0);
-    inference::GenerationParams {
-        sampling: inference::sampling::SamplingParams {
-            temperature,
-            top_k: g.top_k.unwrap_or(if temperature > 0.0 { 20 } else { 0 }),
-            top_p: g.top_p.unwrap_or(if temperature > 0.0 { 0.8 } else { 1.0 }),
-            repetition_penalty: g.repetition_penalty.unwrap_or(1.0),
-            presence_penalty: g.presence_penalty.unwrap_or(0.0),
-            seed: g.seed.unwrap_or(3407),
-        },
-        max_tokens: g.max_tokens.unwrap_or(128).clamp(1, 4096),
-        stop: g.stop,
-        capture: false,
-        ignore_eos: false,
     }
 }
 
@@ -272,7 +253,7 @@ async fn drive(
             return "unsupported source".into();
         }
     };
-    let params = generation(&generation_settings);
+    let params = super::generation(&generation_settings.unwrap_or_default(), 128);
     if let Err(e) = params.sampling.validate() {
         let _ = send(out, err(ErrorCode::BadRequest, e, true)).await;
         return "bad generation settings".into();
@@ -445,18 +426,8 @@ async fn run_window(ctx: &WindowCtx<'_>, w: PendingWindow, prompt: &str) -> Resu
                         window: w.id,
                         text,
                         finish_reason: finish_reason.as_str().into(),
-                        usage: protocol::Usage {
-                            prompt_tokens: usage.prompt_tokens,
-                            completion_tokens: usage.completion_tokens,
-                            total_tokens: usage.prompt_tokens + usage.completion_tokens,
-                        },
-                        timings: protocol::Timings {
-                            queue_ms: timings.queue_ms,
-                            vision_ms: timings.vision_ms,
-                            prefill_ms: timings.prefill_ms,
-                            ttft_ms: timings.ttft_ms,
-                            decode_tok_s: timings.decode_tok_s,
-                        },
+                        usage: super::wire_usage(usage),
+                        timings: super::wire_timings(timings),
                     },
                 )
                 .await?;

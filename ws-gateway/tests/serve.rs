@@ -516,3 +516,33 @@ async fn openapi_and_docs_are_served_from_the_binary() {
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_a_window_ends_the_session_at_once() {
+    let mut server = start(None, 50 << 20).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let (_, body) = upload(&server.base, clip, None).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let mut ws = connect(&server.base).await;
+    let mut start = start_msg(&id, "Describe everything.");
+    if let ClientMessage::Start { generation, .. } = &mut start {
+        *generation = Some(GenerationSettings { max_tokens: Some(8192), temperature: Some(0.0), ..Default::default() });
+    }
+    send(&mut ws, &start).await;
+    loop {
+        if let ServerMessage::Token { .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    let asked = std::time::Instant::now();
+    send(&mut ws, &ClientMessage::Stop {}).await;
+    let reason = loop {
+        if let ServerMessage::Ended { reason } = recv(&mut ws).await {
+            break reason;
+        }
+    };
+    assert_eq!(reason, "stopped by the client");
+    assert!(asked.elapsed() < Duration::from_secs(4), "stop took {:?}", asked.elapsed());
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}

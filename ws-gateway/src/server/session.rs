@@ -332,7 +332,7 @@ async fn drive(
                     if let Some(w) = pending {
                         state.metrics.windows.fetch_add(1, Ordering::Relaxed);
                         let ctx = WindowCtx { engine: &engine, params: &params, shape, out, progress: &progress, metrics: &state.metrics };
-                        let ended = run_window(&ctx, w, &prompt).await?;
+                        let ended = run_window(&ctx, w, &mut prompt, incoming, &mut shutdown).await?;
                         if let Some(reason) = ended {
                             return Ok(reason);
                         }
@@ -374,9 +374,8 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Analyses one window, forwarding its events. Client messages wait in the socket meanwhile and
-/// are handled before the next window, so a new prompt applies from the next window on. Returns
-/// `Some(reason)` if the session should end.
+/// Analyses one window, forwarding its events, and handles client messages meanwhile (a new
+/// prompt applies from the next window on). Returns `Some(reason)` if the session should end.
 /// What every window of a session shares.
 struct WindowCtx<'a> {
     engine: &'a inference::Engine,
@@ -387,7 +386,13 @@ struct WindowCtx<'a> {
     metrics: &'a super::Metrics,
 }
 
-async fn run_window(ctx: &WindowCtx<'_>, w: PendingWindow, prompt: &str) -> Result<Option<String>, String> {
+async fn run_window(
+    ctx: &WindowCtx<'_>,
+    w: PendingWindow,
+    prompt: &mut String,
+    incoming: &mut futures_util::stream::SplitStream<WebSocket>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<String>, String> {
     let WindowCtx { engine, params, shape, out, progress, metrics } = *ctx;
     send(
         out,
@@ -402,7 +407,7 @@ async fn run_window(ctx: &WindowCtx<'_>, w: PendingWindow, prompt: &str) -> Resu
     .await?;
     progress.last_window_end_ms.store((w.end_s * 1000.0) as u64, Ordering::Relaxed);
     let request = inference::Request {
-        messages: vec![inference::processor::Message::user_video(prompt)],
+        messages: vec![inference::processor::Message::user_video(prompt.as_str())],
         videos: vec![w.video],
         generation: params.clone(),
     };
@@ -414,7 +419,26 @@ async fn run_window(ctx: &WindowCtx<'_>, w: PendingWindow, prompt: &str) -> Resu
         }
     };
     loop {
-        let Some(ev) = events.recv().await else { return Ok(None) };
+        // Client messages are handled while the window runs: a new prompt is kept for the next
+        // window, `stop` ends the session at once (dropping `events` cancels the request).
+        let ev = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(Some("the server is shutting down".into())),
+            m = next_client(incoming) => {
+                match m {
+                    Incoming::Msg(ClientMessage::Prompt { text }) => *prompt = text,
+                    Incoming::Msg(ClientMessage::Stop {}) => return Ok(Some("stopped by the client".into())),
+                    Incoming::Msg(ClientMessage::Start { .. }) => {
+                        send(out, err(ErrorCode::BadRequest, "this session has started already", false)).await?
+                    }
+                    Incoming::Bad(e) => send(out, err(ErrorCode::BadRequest, e, false)).await?,
+                    Incoming::Closed => return Ok(Some("the client closed the connection".into())),
+                }
+                continue;
+            }
+            ev = events.recv() => ev,
+        };
+        let Some(ev) = ev else { return Ok(None) };
         match ev {
             EngineEvent::Queued | EngineEvent::Captured { .. } => {}
             EngineEvent::Token { text } => send(out, ServerMessage::Token { window: w.id, text }).await?,

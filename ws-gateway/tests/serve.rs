@@ -235,6 +235,21 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
             other => panic!("{other:?}"),
         }
     }
+    // A message over the size limit (16 KiB here) closes that connection, nothing else.
+    let mut ws = connect(&server.base).await;
+    let huge = format!(r#"{{"type":"prompt","text":"{}"}}"#, "x".repeat(64 * 1024));
+    let _ = ws.send(Message::Text(huge.into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(closed);
     // Still serving.
     let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_short_30fps_256x144.mp4")).unwrap();
     let (status, _) = upload(&server.base, clip, None).await;

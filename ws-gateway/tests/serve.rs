@@ -242,7 +242,7 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                None | Some(Err(_) | Ok(Message::Close(_))) => return true,
                 Some(Ok(_)) => {}
             }
         }

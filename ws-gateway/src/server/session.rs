@@ -56,8 +56,10 @@ pub(crate) async fn ws(
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     let max = state.config.max_ws_message_bytes;
     upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+        use tracing::Instrument;
         let id = format!("s{}", state.next_session.fetch_add(1, Ordering::Relaxed));
-        run(state.clone(), socket, id).await;
+        let span = tracing::info_span!("session", id = %id);
+        run(state.clone(), socket, id).instrument(span).await;
         state.sessions.fetch_sub(1, Ordering::SeqCst);
     })
 }
@@ -140,7 +142,9 @@ async fn run(state: Arc<AppState>, socket: WebSocket, session: String) {
             }
         }
     });
+    tracing::info!("session opened");
     let reason = drive(&state, &session, &mut incoming, &out).await;
+    tracing::info!(%reason, "session ended");
     let _ = tokio::time::timeout(SEND_TIMEOUT, out.send(ServerMessage::Ended { reason })).await;
     drop(out);
     let _ = tokio::time::timeout(SEND_TIMEOUT, writer).await;

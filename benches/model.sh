@@ -19,9 +19,9 @@ model=$PWD/.bench/$shape-model
 [ -f "$model/model.safetensors" ] || tools/reference/run.sh make_bench_model.py "$model" "$shape" >/dev/null
 features=()
 [ "$device" = cpu ] || features=(--features cuda)
-LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device LOOKOUT_BENCH_INPUTS=$PWD/.bench/bench-inputs.safetensors \
+LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device LOOKOUT_BENCH_DTYPE=${LOOKOUT_BENCH_DTYPE:-f32} LOOKOUT_BENCH_INPUTS=$PWD/.bench/bench-inputs.safetensors \
   cargo bench -q --locked -p inference "${features[@]}" --bench model > .bench/lookout-model.json
-tools/reference/run.sh bench_model.py "$model" .bench/bench-inputs.safetensors "${LOOKOUT_BENCH_DTYPE:-f32}" \
+tools/reference/run.sh bench_model.py "$model" .bench/bench-inputs.safetensors "${LOOKOUT_BENCH_DTYPE:-f32}" "$device" \
   2>/dev/null > .bench/transformers-model.json
 tools/reference/run.sh - <<'PY'
 import json

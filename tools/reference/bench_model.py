@@ -1,6 +1,6 @@
 """transformers side of benches/model.sh: the same work as Lookout's model bench, timed.
 
-    bench_model.py MODEL_DIR INPUTS.safetensors [dtype]
+    bench_model.py MODEL_DIR INPUTS.safetensors [dtype] [cpu|cuda]
 
 INPUTS comes from the Rust bench (input_ids, mm_token_type_ids, pixel_values, video_grid_thw,
 decode_tokens). Prints one JSON object with the same keys as the Rust bench.
@@ -16,22 +16,30 @@ from transformers import Qwen3VLForConditionalGeneration
 
 model_dir, inputs_path = sys.argv[1], sys.argv[2]
 dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3] if len(sys.argv) > 3 else "f32"]
+device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
 x = load_file(inputs_path)
-model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
-ids = x["input_ids"][None]
-pv = x["pixel_values"].to(dtype)
-grid = x["video_grid_thw"]
-mm = x["mm_token_type_ids"][None]
+model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval().to(device)
+ids = x["input_ids"][None].to(device)
+pv = x["pixel_values"].to(dtype).to(device)
+grid = x["video_grid_thw"].to(device)
+mm = x["mm_token_type_ids"][None].to(device)
+
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 pairs = int(grid[:, 0].sum())
 n_decode = int(x["decode_tokens"][0])
 
 
 def best(f, reps=3):
     f()
+    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         f()
+        sync()
         times.append(time.perf_counter() - t)
     return min(times)
 

@@ -57,7 +57,7 @@ impl Replay {
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let end = match run(&path, &info_of(&source), opts, &ring, admit) {
+                let end = match run(&path, source.info(), opts, &ring, admit) {
                     Ok(end) => end,
                     Err(e) => RingEnd::Failed(e.to_string()),
                 };
@@ -71,10 +71,6 @@ impl Replay {
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
     }
-}
-
-fn info_of(s: &FileSource) -> VideoInfo {
-    s.info().clone()
 }
 
 /// Sleeps until `deadline`, waking early if the ring closes.

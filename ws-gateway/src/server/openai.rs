@@ -15,7 +15,7 @@ use inference::processor::{Content, Message, Part};
 use protocol::{ErrorCode, VideoParams};
 use serde::Deserialize;
 
-use super::rest::{TempFile, fetch};
+use super::rest::{fetch_to_temp, sample_options, submit_failure};
 use super::uploads::{new_id, upload_path};
 use super::{ApiFailure, AppState, authorized};
 
@@ -121,23 +121,9 @@ pub(crate) async fn chat_completions(
                                     .filter(|p| p.is_file())
                                     .ok_or_else(|| ApiFailure::bad_request(format!("no upload with id {id:?}")))?
                             } else {
-                                let path = state.config.data_dir.join("uploads").join(format!("{}.chat", new_id()));
-                                let (u, p, limit, allow) = (
-                                    url.clone(),
-                                    path.clone(),
-                                    state.config.max_upload_bytes,
-                                    state.config.allow_private_urls,
-                                );
-                                temps.push(TempFile(path.clone()));
-                                tokio::task::spawn_blocking(move || fetch(&u, &p, limit, allow)).await.map_err(
-                                    |e| {
-                                        ApiFailure::new(
-                                            StatusCode::INTERNAL_SERVER_ERROR,
-                                            ErrorCode::Internal,
-                                            e.to_string(),
-                                        )
-                                    },
-                                )??;
+                                let file = fetch_to_temp(&state, &url).await?;
+                                let path = file.0.clone();
+                                temps.push(file);
                                 path
                             };
                             clips.push(path);
@@ -150,14 +136,7 @@ pub(crate) async fn chat_completions(
         };
         messages.push(Message { role: m.role, content });
     }
-    let opts = sampler::SampleOptions {
-        fps: req.video_params.fps,
-        max_frames: req.video_params.max_frames,
-        min_pixels: req.video_params.min_pixels,
-        max_pixels: req.video_params.max_pixels,
-        total_pixels: req.video_params.total_pixels,
-        ..Default::default()
-    };
+    let opts = sample_options(&req.video_params);
     let videos = tokio::task::spawn_blocking(move || {
         clips
             .iter()
@@ -184,13 +163,7 @@ pub(crate) async fn chat_completions(
         },
     };
     let generation = super::generation(&settings, 256);
-    let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(|e| match e {
-        inference::Error::QueueFull(_) => {
-            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())
-        }
-        inference::Error::Input(m) => ApiFailure::bad_request(m),
-        other => ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, other.to_string()),
-    })?;
+    let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(submit_failure)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = req.model.unwrap_or_else(|| engine.info().model.clone());
     let created = now();

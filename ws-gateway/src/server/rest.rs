@@ -30,7 +30,7 @@ impl Drop for TempFile {
     }
 }
 
-fn sample_options(v: &VideoParams) -> sampler::SampleOptions {
+pub(crate) fn sample_options(v: &VideoParams) -> sampler::SampleOptions {
     sampler::SampleOptions {
         fps: v.fps,
         max_frames: v.max_frames,
@@ -47,6 +47,27 @@ struct Ask {
     params: VideoParams,
     temperature: Option<f64>,
     max_tokens: Option<usize>,
+}
+
+/// Why the engine refused a request, as an HTTP answer.
+pub(crate) fn submit_failure(e: inference::Error) -> ApiFailure {
+    match e {
+        inference::Error::QueueFull(_) => {
+            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())
+        }
+        inference::Error::Input(m) => ApiFailure::bad_request(m),
+        other => internal(other),
+    }
+}
+
+/// Downloads `url` under the data directory (blocking work off the runtime, with the URL guard);
+/// the file goes away when the returned guard is dropped.
+pub(crate) async fn fetch_to_temp(state: &AppState, url: &str) -> Result<TempFile, ApiFailure> {
+    let path = state.config.data_dir.join("uploads").join(format!("{}.fetch", new_id()));
+    let guard = TempFile(path.clone());
+    let (u, limit, allow) = (url.to_owned(), state.config.max_upload_bytes, state.config.allow_private_urls);
+    tokio::task::spawn_blocking(move || fetch(&u, &path, limit, allow)).await.map_err(internal)??;
+    Ok(guard)
 }
 
 /// Samples the clip (blocking, off the runtime), asks the engine, collects the answer.
@@ -87,13 +108,7 @@ async fn analyze(
         videos: vec![sampled.into_video_input()],
         generation,
     };
-    let mut events = engine.submit(request).map_err(|e| match e {
-        inference::Error::QueueFull(_) => {
-            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, e.to_string())
-        }
-        inference::Error::Input(m) => ApiFailure::bad_request(m),
-        other => internal(other),
-    })?;
+    let mut events = engine.submit(request).map_err(submit_failure)?;
     while let Some(ev) = events.recv().await {
         match ev {
             EngineEvent::Done { finish_reason, text, usage, timings, .. } => {
@@ -264,15 +279,11 @@ pub(crate) async fn inference_url(
     let started = Instant::now();
     let req: UrlInferenceRequest =
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid JSON body: {e}")))?;
-    let path = state.config.data_dir.join("uploads").join(format!("{}.url", new_id()));
-    let _cleanup = TempFile(path.clone());
-    let (url, p, limit, allow) =
-        (req.url.clone(), path.clone(), state.config.max_upload_bytes, state.config.allow_private_urls);
-    tokio::task::spawn_blocking(move || fetch(&url, &p, limit, allow)).await.map_err(internal)??;
+    let clip = fetch_to_temp(&state, &req.url).await?;
     let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
     let ask =
         Ask { prompt: req.prompt, params: req.video_params, temperature: req.temperature, max_tokens: req.max_tokens };
-    let r = analyze(&state, &path, ask, fetch_ms, started).await?;
+    let r = analyze(&state, &clip.0, ask, fetch_ms, started).await?;
     Ok(axum::Json(r))
 }
 

@@ -185,6 +185,25 @@ async fn next_client(incoming: &mut futures_util::stream::SplitStream<WebSocket>
     }
 }
 
+/// Handles a client message once the session runs: a new prompt replaces the standing one (it
+/// applies from the next window); returns `Some(reason)` when the session should end.
+async fn on_client(
+    m: Incoming,
+    prompt: &mut String,
+    out: &mpsc::Sender<ServerMessage>,
+) -> Result<Option<String>, String> {
+    match m {
+        Incoming::Msg(ClientMessage::Prompt { text }) => *prompt = text,
+        Incoming::Msg(ClientMessage::Stop {}) => return Ok(Some("stopped by the client".into())),
+        Incoming::Msg(ClientMessage::Start { .. }) => {
+            send(out, err(ErrorCode::BadRequest, "this session has started already", false)).await?
+        }
+        Incoming::Bad(e) => send(out, err(ErrorCode::BadRequest, e, false)).await?,
+        Incoming::Closed => return Ok(Some("the client closed the connection".into())),
+    }
+    Ok(None)
+}
+
 /// Runs a session; returns why it ended.
 async fn drive(
     state: &Arc<AppState>,
@@ -232,24 +251,18 @@ async fn drive(
                 return "bad source".into();
             }
         },
-        Source::Url { url, speed, looped } => {
-            let path = state.config.data_dir.join("uploads").join(format!("{}.url", uploads::new_id()));
-            let (u, p, limit, allow) =
-                (url.clone(), path.clone(), state.config.max_upload_bytes, state.config.allow_private_urls);
-            match tokio::task::spawn_blocking(move || super::rest::fetch(&u, &p, limit, allow)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    let _ = std::fs::remove_file(&path);
-                    let code =
-                        if e.status == StatusCode::BAD_REQUEST { ErrorCode::BadRequest } else { ErrorCode::Source };
-                    let _ = send(out, err(code, e.message, true)).await;
-                    return "bad source".into();
-                }
-                Err(e) => return format!("internal error: {e}"),
+        Source::Url { url, speed, looped } => match super::rest::fetch_to_temp(state, url).await {
+            Ok(file) => {
+                let path = file.0.clone();
+                _fetched = Some(file);
+                (path, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) })
             }
-            _fetched = Some(super::rest::TempFile(path.clone()));
-            (path, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) })
-        }
+            Err(e) => {
+                let code = if e.status == StatusCode::BAD_REQUEST { ErrorCode::BadRequest } else { ErrorCode::Source };
+                let _ = send(out, err(code, e.message, true)).await;
+                return "bad source".into();
+            }
+        },
         other => {
             let kind = if matches!(other, Source::Rtsp { .. }) { "rtsp" } else { "webrtc" };
             let msg = format!("{kind} sources are not available in this build yet; use kind \"upload\" or \"url\"");
@@ -318,13 +331,11 @@ async fn drive(
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok("the server is shutting down".into()),
-                m = next_client(incoming) => match m {
-                    Incoming::Msg(ClientMessage::Prompt { text }) => prompt = text,
-                    Incoming::Msg(ClientMessage::Stop {}) => return Ok("stopped by the client".into()),
-                    Incoming::Msg(ClientMessage::Start { .. }) => send(out, err(ErrorCode::BadRequest, "this session has started already", false)).await?,
-                    Incoming::Bad(e) => send(out, err(ErrorCode::BadRequest, e, false)).await?,
-                    Incoming::Closed => return Ok("the client closed the connection".into()),
-                },
+                m = next_client(incoming) => {
+                    if let Some(reason) = on_client(m, &mut prompt, out).await? {
+                        return Ok(reason);
+                    }
+                }
                 _ = mailbox.notify.notified() => {
                     let (pending, end) = mailbox.take();
                     let skipped = mailbox.skipped.load(Ordering::Relaxed);
@@ -429,14 +440,8 @@ async fn run_window(
             biased;
             _ = shutdown.changed() => return Ok(Some("the server is shutting down".into())),
             m = next_client(incoming) => {
-                match m {
-                    Incoming::Msg(ClientMessage::Prompt { text }) => *prompt = text,
-                    Incoming::Msg(ClientMessage::Stop {}) => return Ok(Some("stopped by the client".into())),
-                    Incoming::Msg(ClientMessage::Start { .. }) => {
-                        send(out, err(ErrorCode::BadRequest, "this session has started already", false)).await?
-                    }
-                    Incoming::Bad(e) => send(out, err(ErrorCode::BadRequest, e, false)).await?,
-                    Incoming::Closed => return Ok(Some("the client closed the connection".into())),
+                if let Some(reason) = on_client(m, prompt, out).await? {
+                    return Ok(Some(reason));
                 }
                 continue;
             }

@@ -341,20 +341,22 @@ impl Worker {
     fn serve(&self, job: Job) -> Result<(), Error> {
         let started = Instant::now();
         let queue_ms = ms(started - job.queued_at);
-        let req = &job.request;
+        let Job { request, events, .. } = job;
+        let Request { messages, videos, generation } = request;
         let metas: Vec<VideoMeta> =
-            req.videos.iter().map(|v| VideoMeta { grid_thw: v.grid_thw, timestamps: v.timestamps.clone() }).collect();
-        let prompt = self.processor.prepare(&req.messages, &metas)?;
+            videos.iter().map(|v| VideoMeta { grid_thw: v.grid_thw, timestamps: v.timestamps.clone() }).collect();
+        let prompt = self.processor.prepare(&messages, &metas)?;
         let device = self.model.device();
 
-        // Vision: all videos of the request in one pass.
+        // Vision: all videos of the request in one pass. The pixel data is moved, not copied, when
+        // there is one video (a long clip can be a gigabyte).
         let t0 = Instant::now();
-        let vision = if req.videos.is_empty() {
+        let vision = if videos.is_empty() {
             None
         } else {
+            let grids: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
             let mut rows = 0;
-            let mut data = Vec::new();
-            for v in &req.videos {
+            for v in &videos {
                 let r: usize = v.grid_thw.iter().product();
                 if v.pixel_values.len() != r * 1536 {
                     return Err(Error::Input(format!(
@@ -365,14 +367,17 @@ impl Worker {
                     )));
                 }
                 rows += r;
-                data.extend_from_slice(&v.pixel_values);
             }
+            let data: Vec<f32> = if videos.len() == 1 {
+                videos.into_iter().next().map(|v| v.pixel_values).unwrap_or_default()
+            } else {
+                videos.into_iter().flat_map(|v| v.pixel_values).collect()
+            };
             let pv = Tensor::from_vec(data, (rows, 1536), device)?;
-            let grids: Vec<[usize; 3]> = req.videos.iter().map(|v| v.grid_thw).collect();
             Some(self.model.encode_video(&pv, &grids)?)
         };
         let vision_ms = ms(t0.elapsed());
-        if job.events.is_closed() {
+        if events.is_closed() {
             return Ok(());
         }
 
@@ -381,11 +386,11 @@ impl Worker {
         let logits = self.model.prefill(&prompt.ids, &prompt.kinds, &prompt.positions, vision.as_ref(), &mut cache)?;
         let mut logits: Vec<f32> = logits.to_vec1()?;
         let prefill_ms = ms(t1.elapsed());
-        if req.generation.capture {
-            let _ = job.events.send(EngineEvent::Captured { input_ids: prompt.ids.clone(), logits: logits.clone() });
+        if generation.capture {
+            let _ = events.send(EngineEvent::Captured { input_ids: prompt.ids.clone(), logits: logits.clone() });
         }
 
-        let params = &req.generation;
+        let params = &generation;
         let mut sampler = Sampler::new(params.sampling.clone(), logits.len(), &prompt.ids);
         let mut stream = TokenStream::new(self.processor.clone());
         let mut stops = StopMatcher::new(&params.stop);
@@ -396,7 +401,7 @@ impl Worker {
         let mut finish = FinishReason::Length;
         let first_position = prompt.ids.len() as i64 + prompt.positions.rope_delta;
         'generate: for (step, position) in (0..params.max_tokens).zip(first_position..) {
-            if job.events.is_closed() {
+            if events.is_closed() {
                 return Ok(()); // cancelled: the cache is dropped here
             }
             let token = sampler.sample(&mut logits);
@@ -413,7 +418,7 @@ impl Worker {
                 let (release, hit) = stops.feed(&piece);
                 if !release.is_empty() {
                     text.push_str(&release);
-                    let _ = job.events.send(EngineEvent::Token { text: release });
+                    let _ = events.send(EngineEvent::Token { text: release });
                 }
                 if hit {
                     finish = FinishReason::Stop;
@@ -433,7 +438,7 @@ impl Worker {
             }
             if !rest.is_empty() {
                 text.push_str(&rest);
-                let _ = job.events.send(EngineEvent::Token { text: rest });
+                let _ = events.send(EngineEvent::Token { text: rest });
             }
         }
         let decode_tok_s = match first_at {
@@ -442,7 +447,7 @@ impl Worker {
         };
         let usage = Usage { prompt_tokens: prompt.ids.len(), completion_tokens: token_ids.len() };
         let timings = Timings { queue_ms, vision_ms, prefill_ms, ttft_ms, decode_tok_s };
-        let _ = job.events.send(EngineEvent::Done { finish_reason: finish, text, token_ids, usage, timings });
+        let _ = events.send(EngineEvent::Done { finish_reason: finish, text, token_ids, usage, timings });
         Ok(())
     }
 }

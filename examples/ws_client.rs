@@ -12,10 +12,11 @@
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::io::Write;
+#[path = "shared/mod.rs"]
+mod shared;
 
-use futures_util::{SinkExt, StreamExt};
-use protocol::{ClientMessage, GenerationSettings, ServerMessage, Source, WindowSettings};
+use futures_util::SinkExt;
+use protocol::{ClientMessage, GenerationSettings, Source, WindowSettings};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main]
@@ -61,39 +62,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         generation: Some(GenerationSettings { max_tokens: Some(48), temperature: Some(0.0), ..Default::default() }),
     };
     ws.send(Message::Text(serde_json::to_string(&start)?.into())).await?;
-    let mut out = std::io::stdout();
-    let mut window_at = None;
-    while let Some(msg) = ws.next().await {
-        let Message::Text(text) = msg? else { continue };
-        match serde_json::from_str::<ServerMessage>(&text)? {
-            ServerMessage::Ready { session, model, source } => {
-                println!(
-                    "ready: {session}, model {model}, {} {}x{} @ {} fps",
-                    source.codec, source.width, source.height, source.fps
-                )
-            }
-            ServerMessage::Window { id, start_s, end_s, frames, .. } => {
-                window_at = Some(std::time::Instant::now());
-                print!("[window {id}: {start_s:.2}-{end_s:.2} s, {frames} frames] ")
-            }
-            ServerMessage::Token { text, .. } => {
-                if let Some(at) = window_at.take() {
-                    print!("(first token {:.0} ms after the window) ", at.elapsed().as_secs_f64() * 1000.0);
-                }
-                print!("{text}")
-            }
-            ServerMessage::WindowDone { finish_reason, usage, timings, .. } => {
-                println!("\n  ({finish_reason}, {} tokens, ttft {:.0} ms)", usage.completion_tokens, timings.ttft_ms)
-            }
-            ServerMessage::Skipped { windows, reason } => println!("skipped {windows} windows: {reason}"),
-            ServerMessage::Status { .. } => {}
-            ServerMessage::Error { code, message, fatal } => eprintln!("error ({code:?}, fatal {fatal}): {message}"),
-            ServerMessage::Ended { reason } => {
-                println!("ended: {reason}");
-                break;
-            }
-        }
-        out.flush()?;
-    }
+    shared::print_session(&mut ws).await?;
     Ok(())
 }

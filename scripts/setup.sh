@@ -7,6 +7,10 @@ packages=(
   pkg-config clang libclang-dev
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev libswresample-dev
   ffmpeg
+  # Live-source tests: GStreamer's RTSP server (driven from Python) and a real browser.
+  python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+  chromium
 )
 
 missing=()

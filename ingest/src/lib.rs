@@ -16,8 +16,10 @@
 mod convert;
 mod error;
 mod file;
+pub mod live;
 pub mod replay;
 pub mod ring;
+pub mod rtsp;
 
 pub use error::IngestError;
 pub use file::{DecodeOptions, FileSource, FrameStream, VideoInfo, probe};

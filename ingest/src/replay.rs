@@ -143,6 +143,7 @@ fn run(
                 let first_pts = *first.get_or_insert(pts);
                 let t = offset + (pts - first_pts).max(0.0);
                 last_t = t;
+                ring.count_arrival();
                 let at = Duration::from_secs_f64(t);
                 if !admit(at) {
                     continue;

@@ -25,6 +25,8 @@ struct State {
     rb: HeapRb<(u64, Frame)>,
     next_seq: u64,
     overwritten: u64,
+    arrived: u64,
+    lost_upstream: u64,
     end: Option<RingEnd>,
 }
 
@@ -61,7 +63,14 @@ impl FrameRing {
     /// A ring holding at most `capacity` frames (at least 1).
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(FrameRing {
-            state: Mutex::new(State { rb: HeapRb::new(capacity.max(1)), next_seq: 0, overwritten: 0, end: None }),
+            state: Mutex::new(State {
+                rb: HeapRb::new(capacity.max(1)),
+                next_seq: 0,
+                overwritten: 0,
+                arrived: 0,
+                lost_upstream: 0,
+                end: None,
+            }),
             changed: Condvar::new(),
             capacity: capacity.max(1),
         })
@@ -99,6 +108,11 @@ impl FrameRing {
         self.changed.notify_all();
     }
 
+    /// Why the ring was closed, once it is.
+    pub fn end(&self) -> Option<RingEnd> {
+        self.lock().end.clone()
+    }
+
     /// Whether the ring was closed.
     pub fn is_closed(&self) -> bool {
         self.lock().end.is_some()
@@ -112,6 +126,28 @@ impl FrameRing {
     /// Frames overwritten before anyone read them.
     pub fn overwritten(&self) -> u64 {
         self.lock().overwritten
+    }
+
+    /// Counts a frame that arrived from the source, whether or not it is pushed (sources admit
+    /// only the frames their windows sample).
+    pub fn count_arrival(&self) {
+        self.lock().arrived += 1;
+    }
+
+    /// Frames that arrived from the source so far.
+    pub fn arrived(&self) -> u64 {
+        self.lock().arrived
+    }
+
+    /// Counts frames lost before they reached the ring (a live source's decoder fell behind and
+    /// skipped to the next key frame).
+    pub fn count_lost_upstream(&self, n: u64) {
+        self.lock().lost_upstream += n;
+    }
+
+    /// Frames lost before reaching the ring.
+    pub fn lost_upstream(&self) -> u64 {
+        self.lock().lost_upstream
     }
 
     /// A reader starting at the oldest frame still held.

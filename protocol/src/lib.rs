@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 pub enum Source {
     /// An RTSP camera.
     Rtsp {
-        /// `rtsp://[user:pass@]host[:port]/path`.
+        /// `rtsp://[user:pass@]host[:port]/path` (percent-escape `@` and `:` in credentials).
         url: String,
+        /// How RTP travels (the server's default, TCP, when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<RtspTransport>,
     },
     /// A clip uploaded with `POST /v1/uploads`, replayed as a live stream.
     Upload {
@@ -43,6 +46,16 @@ pub enum Source {
         /// The WHIP resource id.
         resource: String,
     },
+}
+
+/// RTP transport of an RTSP source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP TCP connection.
+    Tcp,
+    /// UDP (LAN only).
+    Udp,
 }
 
 /// How windows are cut from a stream. Every field has a server default.
@@ -243,6 +256,22 @@ pub enum ServerMessage {
         /// How far the newest analysed frame lags the newest ingested one.
         lag_ms: f64,
     },
+    /// A live source lost its connection; it retries after `retry_in_ms`. The session goes on.
+    Reconnecting {
+        /// Attempt number (1 for the first retry after a loss).
+        attempt: u32,
+        /// Why the connection was lost or the last attempt failed.
+        error: String,
+        /// Wait before the next attempt.
+        retry_in_ms: u64,
+    },
+    /// A live source is back. Stream time from `from_s` to `to_s` has no frames (the gap).
+    Resumed {
+        /// Stream time of the last frame before the gap.
+        from_s: f64,
+        /// Stream time of the first frame after it.
+        to_s: f64,
+    },
     /// Something went wrong.
     Error {
         /// Class.
@@ -257,6 +286,21 @@ pub enum ServerMessage {
         /// Why.
         reason: String,
     },
+}
+
+/// A published WebRTC stream (`GET /v1/whip`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhipResource {
+    /// Resource id (`start` a session with `{kind: "webrtc", resource: id}`).
+    pub id: String,
+    /// Negotiated video codec, once the track arrived.
+    pub codec: Option<String>,
+    /// Whether the peer connection is up.
+    pub connected: bool,
+    /// Whether a session is analysing it.
+    pub watched: bool,
+    /// Seconds since it was published.
+    pub age_s: f64,
 }
 
 /// `video_params` of the REST inference endpoints (the seed service's shape).

@@ -76,6 +76,19 @@ struct ServeArgs {
     /// Let URL sources reach loopback, private and link-local addresses.
     #[arg(long, env = "LOOKOUT_ALLOW_PRIVATE_URLS", num_args = 0..=1, default_missing_value = "true")]
     allow_private_urls: Option<bool>,
+    /// RTP transport for RTSP cameras: tcp or udp [default: tcp].
+    #[arg(long, env = "LOOKOUT_RTSP_TRANSPORT")]
+    rtsp_transport: Option<String>,
+    /// Longest wait between RTSP reconnection attempts, seconds [default: 10].
+    #[arg(long, env = "LOOKOUT_RTSP_MAX_BACKOFF_S")]
+    rtsp_max_backoff_s: Option<f64>,
+    /// STUN/TURN servers for WebRTC, e.g. stun:stun.example.org:3478 or
+    /// turn:user:pass@turn.example.org:3478 (repeat, or comma-separate) [default: none].
+    #[arg(long = "ice-server", env = "LOOKOUT_ICE_SERVERS", value_delimiter = ',')]
+    ice_servers: Option<Vec<String>>,
+    /// Local UDP addresses for WebRTC media (0.0.0.0:0 = every interface) [default: 0.0.0.0:0].
+    #[arg(long = "webrtc-udp-addr", env = "LOOKOUT_WEBRTC_UDP_ADDRS", value_delimiter = ',')]
+    webrtc_udp_addrs: Option<Vec<String>>,
 }
 
 impl ServeArgs {
@@ -98,6 +111,10 @@ impl ServeArgs {
             dtype: self.dtype.or(f.dtype),
             device: self.device.or(f.device),
             allow_private_urls: self.allow_private_urls.or(f.allow_private_urls),
+            rtsp_transport: self.rtsp_transport.or(f.rtsp_transport),
+            rtsp_max_backoff_s: self.rtsp_max_backoff_s.or(f.rtsp_max_backoff_s),
+            ice_servers: self.ice_servers.or(f.ice_servers),
+            webrtc_udp_addrs: self.webrtc_udp_addrs.or(f.webrtc_udp_addrs),
         })
     }
 }
@@ -109,6 +126,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no model: give --model, LOOKOUT_MODEL or `model` in the config file"))?;
     let host = args.host.unwrap_or_else(|| "127.0.0.1".into());
     let port = args.port.unwrap_or(8000);
+    let mut live = ws_gateway::server::LiveConfig::default();
+    if let Some(t) = &args.rtsp_transport {
+        live.rtsp.transport = t.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(s) = args.rtsp_max_backoff_s {
+        anyhow::ensure!(s.is_finite() && s > 0.0 && s <= 3600.0, "rtsp_max_backoff_s must be in (0, 3600]");
+        live.rtsp.backoff_max = std::time::Duration::from_secs_f64(s);
+    }
+    let mut webrtc = ws_gateway::server::WebrtcConfig::default();
+    for s in args.ice_servers.iter().flatten().filter(|s| !s.is_empty()) {
+        webrtc.ice_servers.push(s.parse().map_err(anyhow::Error::msg)?);
+    }
+    if let Some(a) = args.webrtc_udp_addrs.filter(|a| !a.is_empty()) {
+        webrtc.udp_addrs = a;
+    }
     let config = ws_gateway::server::ServeConfig {
         model,
         device: args.device.as_deref().unwrap_or("cpu").parse()?,
@@ -120,6 +152,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_ws_message_bytes: args.max_ws_message_kb.unwrap_or(64).max(1) * 1024,
         engine_queue: args.engine_queue.unwrap_or(8).max(1),
         allow_private_urls: args.allow_private_urls.unwrap_or(false),
+        live,
+        webrtc,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {

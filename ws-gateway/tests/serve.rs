@@ -2,71 +2,26 @@
 //! WebSocket session over a replayed clip, and bad input that gets a clear error while the server
 //! keeps serving.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ClientMessage, ErrorCode, GenerationSettings, ServerMessage, Source, WindowSettings};
 use tokio_tungstenite::tungstenite::Message;
-use ws_gateway::server::{ServeConfig, serve};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct Server {
-    base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
+mod common;
+use common::*;
 
 async fn start(api_key: Option<&str>, max_upload_bytes: u64) -> Server {
     start_with(api_key, max_upload_bytes, false).await
 }
 
 async fn start_with(api_key: Option<&str>, max_upload_bytes: u64, allow_private_urls: bool) -> Server {
-    let data = std::env::temp_dir().join(format!("lookout-serve-{}-{}", std::process::id(), rand_suffix()));
-    let config = ServeConfig {
-        model: root().join("fixtures/models/tiny-tied").to_string_lossy().into_owned(),
-        device: inference::DeviceChoice::Cpu,
-        dtype: inference::DType::F32,
-        data_dir: data,
-        api_key: api_key.map(str::to_owned),
-        max_upload_bytes,
-        max_sessions: 4,
-        max_ws_message_bytes: 16 * 1024,
-        engine_queue: 4,
-        allow_private_urls,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        serve(config, listener, async move {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let server = Server { base, stop: Some(tx), task };
-    // Wait for the model.
-    for _ in 0..200 {
-        let url = format!("http://{}/v1/health", server.base);
-        let h: serde_json::Value =
-            tokio::task::spawn_blocking(move || ureq::get(&url).call().ok().map(|r| r.into_json().unwrap()))
-                .await
-                .unwrap()
-                .unwrap_or_default();
-        if h["status"] == "ready" {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the model never became ready");
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+    start_server(|c| {
+        c.api_key = api_key.map(str::to_owned);
+        c.max_upload_bytes = max_upload_bytes;
+        c.allow_private_urls = allow_private_urls;
+    })
+    .await
 }
 
 /// A multipart body with one part named `file`.
@@ -95,29 +50,6 @@ async fn upload(base: &str, bytes: Vec<u8>, key: Option<&str>) -> (u16, serde_js
     })
     .await
     .unwrap()
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(base: &str) -> Ws {
-    tokio_tungstenite::connect_async(format!("ws://{base}/v1/ws")).await.unwrap().0
-}
-
-async fn send(ws: &mut Ws, m: &ClientMessage) {
-    ws.send(Message::Text(serde_json::to_string(m).unwrap().into())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> ServerMessage {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
-            .await
-            .expect("no message within 60 s")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
 }
 
 fn start_msg(id: &str, prompt: &str) -> ClientMessage {

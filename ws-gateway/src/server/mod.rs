@@ -12,7 +12,11 @@
 mod openai;
 mod rest;
 mod session;
+mod sources;
 mod uploads;
+mod whip;
+
+pub use whip::{IceServer, WebrtcConfig};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +53,47 @@ pub struct ServeConfig {
     pub engine_queue: usize,
     /// Let URL sources reach loopback, private and link-local addresses.
     pub allow_private_urls: bool,
+    /// Live sources (RTSP).
+    pub live: LiveConfig,
+    /// WebRTC ingest (WHIP).
+    pub webrtc: WebrtcConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            model: String::new(),
+            device: inference::DeviceChoice::Cpu,
+            dtype: inference::DType::F32,
+            data_dir: PathBuf::from("lookout-data"),
+            api_key: None,
+            max_upload_bytes: 512 << 20,
+            max_sessions: 8,
+            max_ws_message_bytes: 64 * 1024,
+            engine_queue: 8,
+            allow_private_urls: false,
+            live: LiveConfig::default(),
+            webrtc: WebrtcConfig::default(),
+        }
+    }
+}
+
+/// Live-source settings.
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    /// RTSP connection and reconnection.
+    pub rtsp: ingest::rtsp::RtspOptions,
+    /// Longest wait for a live source's first frame before the session fails.
+    pub first_frame_timeout: std::time::Duration,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            rtsp: ingest::rtsp::RtspOptions::default(),
+            first_frame_timeout: std::time::Duration::from_secs(20),
+        }
+    }
 }
 
 /// Service counters for `/metrics`.
@@ -78,6 +123,7 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_session: AtomicUsize,
     pub(crate) metrics: Metrics,
+    pub(crate) whip: whip::Whip,
 }
 
 impl AppState {
@@ -236,6 +282,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/ws", get(session::ws))
+        .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
+        .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/inference/url", post(rest::inference_url))
         .route("/metrics", get(rest::metrics))
@@ -261,6 +309,7 @@ pub async fn serve(
         shutdown: shutdown_rx,
         next_session: AtomicUsize::new(1),
         metrics: Metrics::default(),
+        whip: whip::Whip::default(),
     });
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();
@@ -289,6 +338,7 @@ pub async fn serve(
             let _ = shutdown_tx.send(true);
         })
         .await?;
+    state.whip.close_all().await;
     let open = state.sessions.load(Ordering::Relaxed);
     if open > 0 {
         tracing::info!(open, "sessions still closing");

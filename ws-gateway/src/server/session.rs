@@ -21,14 +21,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use inference::EngineEvent;
-use ingest::replay::{Replay, ReplayOptions};
 use ingest::ring::{FrameRing, Read, RingEnd};
-use protocol::{ClientMessage, ErrorCode, ServerMessage, Source, SourceInfo, WindowSettings};
+use protocol::{ClientMessage, ErrorCode, ServerMessage, WindowSettings};
 use sampler::stream::{Admission, WindowPolicy, WindowShape, Windower};
 use sampler::{ClipBuilder, Resizer};
 use tokio::sync::{Notify, mpsc};
 
-use super::{ApiFailure, AppState, uploads};
+use super::{ApiFailure, AppState, sources};
 
 /// How long a client may leave messages unread before its session is ended.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,57 +239,61 @@ async fn drive(
             return "no model".into();
         }
     };
-    let mut _fetched = None;
-    let (path, opts) = match &source {
-        Source::Upload { id, speed, looped } => match uploads::upload_path(&state.config.data_dir, id) {
-            Some(p) if p.is_file() => {
-                (p, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) })
-            }
-            _ => {
-                let _ = send(out, err(ErrorCode::BadRequest, format!("no upload with id {id:?}"), true)).await;
-                return "bad source".into();
-            }
-        },
-        Source::Url { url, speed, looped } => match super::rest::fetch_to_temp(state, url).await {
-            Ok(file) => {
-                let path = file.0.clone();
-                _fetched = Some(file);
-                (path, ReplayOptions { speed: speed.unwrap_or(1.0), looped: looped.unwrap_or(false) })
-            }
-            Err(e) => {
-                let code = if e.status == StatusCode::BAD_REQUEST { ErrorCode::BadRequest } else { ErrorCode::Source };
-                let _ = send(out, err(code, e.message, true)).await;
-                return "bad source".into();
-            }
-        },
-        other => {
-            let kind = if matches!(other, Source::Rtsp { .. }) { "rtsp" } else { "webrtc" };
-            let msg = format!("{kind} sources are not available in this build yet; use kind \"upload\" or \"url\"");
-            let _ = send(out, err(ErrorCode::Source, msg, true)).await;
-            return "unsupported source".into();
-        }
-    };
     let params = super::generation(&generation_settings.unwrap_or_default(), 128);
     if let Err(e) = params.sampling.validate() {
         let _ = send(out, err(ErrorCode::BadRequest, e, true)).await;
         return "bad generation settings".into();
     }
 
-    // 2. Open the source and the window pipeline (blocking work on threads).
+    // 2. Open the source and the window pipeline (blocking work on threads). A window's frame
+    // count and the admission cadence do not depend on the frame size, so the policy is checked
+    // (and the ring sized) before the source is opened.
     let policy = policy(&window);
-    let info = match tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || ingest::probe(&path)
-    })
-    .await
-    {
-        Ok(Ok(info)) => info,
-        Ok(Err(e)) => {
-            let _ = send(out, err(ErrorCode::Source, e.to_string(), true)).await;
+    let planned = match Windower::new(&policy, 640, 360) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = send(out, err(ErrorCode::BadRequest, e.to_string(), true)).await;
+            return "bad window settings".into();
+        }
+    };
+    let ring = FrameRing::new(planned.shape().frames * 2 + 4);
+    let stop_ring = StopOnDrop(ring.clone());
+    let mut admit_windower = planned;
+    let admit: ingest::replay::Admit =
+        Box::new(move |t| matches!(admit_windower.observe(t.as_secs_f64()), Admission::Admit { .. }));
+    let opened = tokio::select! {
+        biased;
+        _ = shutdown.changed() => return "the server is shutting down".into(),
+        r = sources::open(state, session, &source, ring.clone(), admit) => r,
+    };
+    let mut opened = match opened {
+        Ok(o) => o,
+        Err((code, message)) => {
+            let _ = send(out, err(code, message, true)).await;
             return "the source failed".into();
         }
-        Err(e) => return format!("internal error: {e}"),
     };
+    // A live source says its frame size with its first frame.
+    if let Some(events) = opened.events.as_mut() {
+        let started = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return "the server is shutting down".into(),
+            m = next_client(incoming) => match m {
+                Incoming::Msg(ClientMessage::Stop {}) => return "stopped by the client".into(),
+                Incoming::Closed => return "the client closed the connection".into(),
+                _ => Err("send nothing but stop before the session is ready".to_owned()),
+            },
+            r = sources::first_frame(events, &ring, state.config.live.first_frame_timeout) => r,
+        };
+        match started {
+            Ok(info) => opened.info = info,
+            Err(e) => {
+                let _ = send(out, err(ErrorCode::Source, e, true)).await;
+                return "the source failed".into();
+            }
+        }
+    }
+    let info = opened.info.clone();
     let windower = match Windower::new(&policy, info.width, info.height) {
         Ok(w) => w,
         Err(e) => {
@@ -299,24 +302,11 @@ async fn drive(
         }
     };
     let shape = windower.shape();
-    let ring = FrameRing::new(shape.frames * 2 + 4);
     let mailbox = Arc::new(Mailbox::default());
     let progress = Arc::new(Progress::default());
-    let mut admit_windower = windower.clone();
-    let admit: ingest::replay::Admit =
-        Box::new(move |t| matches!(admit_windower.observe(t.as_secs_f64()), Admission::Admit { .. }));
-    if let Err(e) = Replay::start(&path, opts, ring.clone(), admit) {
-        let _ = send(out, err(ErrorCode::Source, e.to_string(), true)).await;
-        return "the source failed".into();
-    }
     spawn_window_thread(session, ring.clone(), shape, mailbox.clone(), progress.clone());
     let model = engine.info().model.clone();
-    let ready = ServerMessage::Ready {
-        session: session.to_owned(),
-        model,
-        source: SourceInfo { width: info.width, height: info.height, fps: info.fps, codec: info.codec.clone() },
-    };
-    let stop_ring = StopOnDrop(ring.clone());
+    let ready = ServerMessage::Ready { session: session.to_owned(), model, source: info };
     if send(out, ready).await.is_err() {
         return "the connection closed".into();
     }
@@ -364,12 +354,17 @@ async fn drive(
                         });
                     }
                 }
+                Some(ev) = sources::next_event(&mut opened.events) => {
+                    if let Some(m) = sources::wire_event(ev) {
+                        send(out, m).await?;
+                    }
+                }
                 _ = status.tick() => {
-                    let pushed = ring.pushed();
+                    let pushed = ring.arrived();
                     let dt = last_pushed.1.elapsed().as_secs_f64().max(1e-3);
                     let ingest_fps = (pushed - last_pushed.0) as f64 / dt;
                     last_pushed = (pushed, Instant::now());
-                    let frames_dropped = ring.overwritten() + progress.missed.load(Ordering::Relaxed);
+                    let frames_dropped = ring.overwritten() + ring.lost_upstream() + progress.missed.load(Ordering::Relaxed);
                     let lag_ms = progress.last_frame_ms.load(Ordering::Relaxed).saturating_sub(progress.last_window_end_ms.load(Ordering::Relaxed)) as f64;
                     send(out, ServerMessage::Status { ingest_fps, frames_dropped, lag_ms }).await?;
                 }

@@ -1,0 +1,386 @@
+//! Live sources: encoded frames that arrive from the network (RTSP, WebRTC) are decoded with
+//! libav on a dedicated thread and the admitted ones pushed, as RGB, into a [`FrameRing`].
+//!
+//! The network side never waits for the decoder: [`LiveFeed::push`] hands a frame over a bounded
+//! channel without blocking. When the decoder falls behind and the channel is full, frames are
+//! dropped until the next key frame (a frame that depends on a lost one cannot be decoded), and
+//! every dropped frame is counted on the ring ([`FrameRing::lost_upstream`]). After the decoder,
+//! the ring itself overwrites its oldest frame when the reader (the model) falls behind.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Duration;
+
+use ff::util::frame::video::Video as VideoFrame;
+use ffmpeg_next as ff;
+
+use crate::Frame;
+use crate::convert::RgbConverter;
+use crate::replay::Admit;
+use crate::ring::{FrameRing, RingEnd};
+
+/// Codecs the live sources deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveCodec {
+    /// H.264 in Annex B byte-stream form (parameter sets in band).
+    H264,
+    /// H.265 in Annex B byte-stream form (parameter sets in band).
+    H265,
+    /// VP8 frames.
+    Vp8,
+}
+
+impl LiveCodec {
+    /// The libav decoder name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LiveCodec::H264 => "h264",
+            LiveCodec::H265 => "hevc",
+            LiveCodec::Vp8 => "vp8",
+        }
+    }
+
+    fn id(self) -> ff::codec::Id {
+        match self {
+            LiveCodec::H264 => ff::codec::Id::H264,
+            LiveCodec::H265 => ff::codec::Id::HEVC,
+            LiveCodec::Vp8 => ff::codec::Id::VP8,
+        }
+    }
+}
+
+/// One encoded frame (an access unit).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Its codec.
+    pub codec: LiveCodec,
+    /// The bitstream.
+    pub data: Vec<u8>,
+    /// Stream time (from the sender's clock, continued across reconnects).
+    pub pts: Duration,
+    /// Whether decoding can start here.
+    pub key: bool,
+}
+
+/// What a live source reports besides frames.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// The first frame was decoded.
+    Started {
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// Codec name.
+        codec: String,
+        /// The sender's nominal frame rate, when it says (0 when unknown).
+        fps: f64,
+    },
+    /// The connection was lost; the source retries after `retry_in`.
+    Reconnecting {
+        /// Attempt number (1 for the first retry).
+        attempt: u32,
+        /// Why the connection was lost (or the last attempt failed).
+        error: String,
+        /// Wait before the next attempt.
+        retry_in: Duration,
+    },
+    /// The connection is back; stream time between `from` and `to` has no frames.
+    Resumed {
+        /// Stream time of the last frame before the gap.
+        from: Duration,
+        /// Stream time of the first frame after it.
+        to: Duration,
+    },
+}
+
+/// Receives [`SourceEvent`]s (must not block).
+pub type EventSink = Arc<dyn Fn(SourceEvent) + Send + Sync>;
+
+/// The network side's handle on a live decoder.
+pub struct LiveFeed {
+    tx: Option<SyncSender<Encoded>>,
+    ring: Arc<FrameRing>,
+    waiting_key: bool,
+}
+
+impl std::fmt::Debug for LiveFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveFeed").field("waiting_key", &self.waiting_key).finish_non_exhaustive()
+    }
+}
+
+/// Options of a live decoder.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedOptions {
+    /// Encoded frames that may wait for the decoder.
+    pub queue: usize,
+    /// The sender's nominal frame rate, reported in [`SourceEvent::Started`] (0 when unknown).
+    pub nominal_fps: f64,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions { queue: 32, nominal_fps: 0.0 }
+    }
+}
+
+impl LiveFeed {
+    /// Starts a decoder thread that feeds `ring` with the frames `admit` accepts.
+    pub fn start(
+        name: &str,
+        ring: Arc<FrameRing>,
+        admit: Admit,
+        events: EventSink,
+        opts: FeedOptions,
+    ) -> std::io::Result<LiveFeed> {
+        crate::init();
+        let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue.max(1));
+        let thread_ring = ring.clone();
+        std::thread::Builder::new().name(format!("decode:{name}")).spawn(move || {
+            let end = decode_loop(rx, &thread_ring, admit, &events, opts.nominal_fps);
+            if let Err(e) = end {
+                thread_ring.close(RingEnd::Failed(e));
+            }
+        })?;
+        Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true })
+    }
+
+    /// Hands a frame to the decoder without waiting. Frames before the first key frame, and
+    /// after an overflow until the next key frame, are dropped and counted. Returns false once
+    /// the ring is closed (nobody wants frames any more).
+    pub fn push(&mut self, frame: Encoded) -> bool {
+        if self.ring.is_closed() {
+            return false;
+        }
+        if self.waiting_key && !frame.key {
+            self.ring.count_lost_upstream(1);
+            return true;
+        }
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send(frame) {
+            Ok(()) => self.waiting_key = false,
+            Err(TrySendError::Full(_)) => {
+                self.ring.count_lost_upstream(1);
+                self.waiting_key = true;
+            }
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
+        true
+    }
+
+    /// Whether the decoder is discarding frames until the next key frame (ask the sender for
+    /// one).
+    pub fn waiting_for_key(&self) -> bool {
+        self.waiting_key
+    }
+
+    /// After a gap in the stream: drop frames until the next key frame.
+    pub fn resync(&mut self) {
+        self.waiting_key = true;
+    }
+
+    /// Whether the ring was closed.
+    pub fn is_closed(&self) -> bool {
+        self.ring.is_closed()
+    }
+
+    /// The ring this feed fills.
+    pub fn ring(&self) -> &Arc<FrameRing> {
+        &self.ring
+    }
+
+    /// Ends the stream: the decoder drains what it holds, then closes the ring with `end`.
+    pub fn finish(mut self, end: RingEnd) {
+        self.tx = None;
+        // The decoder thread sees the channel close; the ring's end is set here so that it is
+        // `end` whatever the decoder does with its last frames.
+        self.ring.close(end);
+    }
+}
+
+fn open_decoder(codec: LiveCodec) -> Result<ff::decoder::Video, String> {
+    let c = ff::decoder::find(codec.id()).ok_or_else(|| format!("this libav has no {} decoder", codec.name()))?;
+    let mut ctx = ff::codec::context::Context::new_with_codec(c);
+    // Slice threads add no latency (frame threads would hold frames back).
+    ctx.set_threading(ff::codec::threading::Config {
+        kind: ff::codec::threading::Type::Slice,
+        count: 2,
+        ..Default::default()
+    });
+    let mut dec = ctx.decoder().video().map_err(|e| format!("cannot open the {} decoder: {e}", codec.name()))?;
+    dec.set_packet_time_base(ff::Rational(1, 1_000_000));
+    Ok(dec)
+}
+
+fn decode_loop(
+    rx: Receiver<Encoded>,
+    ring: &FrameRing,
+    mut admit: Admit,
+    events: &EventSink,
+    nominal_fps: f64,
+) -> Result<(), String> {
+    let mut decoder: Option<(LiveCodec, ff::decoder::Video)> = None;
+    let mut converter = RgbConverter::new();
+    let mut decoded = VideoFrame::empty();
+    let mut started = false;
+    let mut seq = 0u64;
+    let mut last_pts: Option<Duration> = None;
+    let mut consecutive_errors = 0u32;
+    while let Ok(enc) = rx.recv() {
+        if decoder.as_ref().is_none_or(|(c, _)| *c != enc.codec) {
+            decoder = Some((enc.codec, open_decoder(enc.codec)?));
+        }
+        let Some((codec, dec)) = decoder.as_mut() else { continue };
+        let mut packet = ff::Packet::copy(&enc.data);
+        packet.set_pts(Some(enc.pts.as_micros() as i64));
+        if enc.key {
+            packet.set_flags(ff::packet::Flags::KEY);
+        }
+        if let Err(e) = dec.send_packet(&packet) {
+            // A corrupt frame (lost packets) is routine on a live stream; persistent failure is not.
+            consecutive_errors += 1;
+            tracing::debug!(error = %e, "live decoder rejected a frame");
+            if consecutive_errors > 300 {
+                return Err(format!("the {} stream cannot be decoded: {e}", codec.name()));
+            }
+            continue;
+        }
+        consecutive_errors = 0;
+        loop {
+            match dec.receive_frame(&mut decoded) {
+                Ok(()) => {}
+                Err(ff::Error::Other { errno }) if errno == ff::util::error::EAGAIN => break,
+                Err(ff::Error::Eof) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "live decoder error");
+                    break;
+                }
+            }
+            let pts =
+                decoded.timestamp().or(decoded.pts()).map_or(enc.pts, |us| Duration::from_micros(us.max(0) as u64));
+            // Stream time never goes backwards (a sender's clock may jitter at a restart).
+            let pts = match last_pts {
+                Some(l) if pts <= l => l + Duration::from_micros(1),
+                _ => pts,
+            };
+            last_pts = Some(pts);
+            ring.count_arrival();
+            let (width, height) = (decoded.width(), decoded.height());
+            if !started {
+                started = true;
+                events(SourceEvent::Started { width, height, codec: codec.name().to_owned(), fps: nominal_fps });
+            }
+            if !admit(pts) {
+                continue;
+            }
+            let rgb: Arc<[u8]> = converter.convert(&mut decoded, ff::Rational(1, 1_000_000))?.into();
+            if !ring.push(Frame { seq, pts, width, height, rgb }) {
+                return Ok(());
+            }
+            seq += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::Read;
+
+    /// A 1 s, 30 fps, 320x240 H.264 test stream in Annex B, with an access unit delimiter in
+    /// front of each frame (ffmpeg's encoder, no B-frames, a key frame every 10 frames), split
+    /// into access units.
+    pub(crate) fn annexb_frames() -> Vec<(Vec<u8>, bool, Duration)> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lookout-live-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("test.h264");
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30", "-t", "1"])
+            .args(["-c:v", "libx264", "-bf", "0", "-g", "10", "-pix_fmt", "yuv420p"])
+            .args(["-bsf:v", "h264_metadata=aud=insert", "-f", "h264"])
+            .arg(&out)
+            .status()
+            .expect("ffmpeg (installed by scripts/setup.sh)");
+        assert!(status.success());
+        let data = std::fs::read(&out).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        // Start of each AUD NAL (type 9), with its 4-byte start code.
+        let mut starts: Vec<usize> = (0..data.len().saturating_sub(4))
+            .filter(|&i| data[i..i + 4] == [0, 0, 1, 9])
+            .map(|i| i.saturating_sub(1))
+            .collect();
+        starts.push(data.len());
+        starts
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let au = data[w[0]..w[1]].to_vec();
+                let key = au.windows(4).any(|n| n[..3] == [0, 0, 1] && n[3] & 0x1f == 5);
+                (au, key, Duration::from_secs_f64(i as f64 / 30.0))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decodes_annexb_h264_into_the_ring_with_admission() {
+        let frames = annexb_frames();
+        assert_eq!(frames.len(), 30);
+        assert_eq!(frames.iter().filter(|f| f.1).count(), 3);
+        let ring = FrameRing::new(64);
+        let mut reader = ring.reader();
+        let started = Arc::new(std::sync::Mutex::new(None));
+        let s2 = started.clone();
+        let events: EventSink = Arc::new(move |e| {
+            if let SourceEvent::Started { width, height, .. } = e {
+                *s2.lock().unwrap() = Some((width, height));
+            }
+        });
+        let mut n = 0;
+        let admit: Admit = Box::new(move |_| {
+            n += 1;
+            (n - 1) % 2 == 0
+        });
+        let mut feed = LiveFeed::start("test", ring.clone(), admit, events, FeedOptions::default()).unwrap();
+        for (data, key, pts) in frames {
+            assert!(feed.push(Encoded { codec: LiveCodec::H264, data, pts, key }));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut got = Vec::new();
+        while got.len() < 15 {
+            match reader.next(Duration::from_secs(10)) {
+                Read::Frame { frame, .. } => {
+                    assert_eq!((frame.width, frame.height), (320, 240));
+                    assert_eq!(frame.rgb.len(), 320 * 240 * 3);
+                    got.push(frame.pts);
+                }
+                other => panic!("{other:?} after {got:?}"),
+            }
+        }
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        assert_eq!(*started.lock().unwrap(), Some((320, 240)));
+        assert!(ring.arrived() >= 22);
+        feed.finish(RingEnd::EndOfStream);
+    }
+
+    #[test]
+    fn frames_before_a_key_frame_are_dropped_and_counted() {
+        let frames = annexb_frames();
+        let ring = FrameRing::new(8);
+        let mut feed =
+            LiveFeed::start("test", ring.clone(), Box::new(|_| true), Arc::new(|_| {}), FeedOptions::default())
+                .unwrap();
+        // Skip the key frame: nothing can be decoded until the next one.
+        for (data, key, pts) in frames.into_iter().skip(1).take(5) {
+            assert!(!key);
+            feed.push(Encoded { codec: LiveCodec::H264, data, pts, key });
+        }
+        assert_eq!(ring.lost_upstream(), 5);
+        assert!(feed.waiting_for_key());
+        ring.close(RingEnd::Stopped);
+        assert!(!feed.push(Encoded { codec: LiveCodec::H264, data: vec![0, 0, 1], pts: Duration::ZERO, key: true }));
+    }
+}

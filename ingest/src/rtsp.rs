@@ -1,0 +1,284 @@
+//! RTSP cameras through retina: `DESCRIBE`/`SETUP`/`PLAY`, H.264 or H.265 frames depacketized
+//! into Annex B access units (parameter sets in front of every key frame) and handed to a
+//! [`LiveFeed`] for decoding.
+//!
+//! Stream time comes from the RTP clock (retina's timestamps, counted from the start of the
+//! connection). When the camera drops, the source reconnects with exponential backoff; stream
+//! time continues across the gap by the wall-clock time the gap lasted, and the gap is reported as
+//! [`SourceEvent::Reconnecting`] then [`SourceEvent::Resumed`].
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use retina::client::{Credentials, PlayOptions, SessionOptions, SetupOptions, TcpTransportOptions, Transport};
+use retina::codec::{CodecItem, FrameFormat};
+use url::Url;
+
+use crate::live::{Encoded, EventSink, LiveCodec, LiveFeed, SourceEvent};
+use crate::ring::RingEnd;
+
+/// How RTP travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP TCP connection (works through NAT and firewalls).
+    #[default]
+    Tcp,
+    /// UDP (a LAN only: no reordering).
+    Udp,
+}
+
+impl std::str::FromStr for RtspTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(RtspTransport::Tcp),
+            "udp" => Ok(RtspTransport::Udp),
+            other => Err(format!("unknown RTSP transport {other:?}; use \"tcp\" or \"udp\"")),
+        }
+    }
+}
+
+/// RTSP source settings.
+#[derive(Debug, Clone)]
+pub struct RtspOptions {
+    /// RTP transport.
+    pub transport: RtspTransport,
+    /// Longest wait for the camera to answer a request, and for the first frame.
+    pub connect_timeout: Duration,
+    /// No frame for this long counts as a dropped connection.
+    pub stall_timeout: Duration,
+    /// First wait before reconnecting; doubled after each failed attempt.
+    pub backoff_initial: Duration,
+    /// Longest wait between attempts.
+    pub backoff_max: Duration,
+    /// Give up after this many failed attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for RtspOptions {
+    fn default() -> Self {
+        RtspOptions {
+            transport: RtspTransport::Tcp,
+            connect_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(10),
+            max_attempts: None,
+        }
+    }
+}
+
+/// A parsed camera address: the URL without credentials, and the credentials.
+#[derive(Clone)]
+pub struct CameraUrl {
+    url: Url,
+    creds: Option<Credentials>,
+}
+
+impl std::fmt::Debug for CameraUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("CameraUrl").field("url", &self.url.as_str()).field("creds", &self.creds.is_some()).finish()
+    }
+}
+
+impl CameraUrl {
+    /// Parses `rtsp://[user:pass@]host[:port]/path`; percent-escapes in the credentials are
+    /// decoded.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut url = Url::parse(s).map_err(|e| format!("invalid RTSP URL: {e}"))?;
+        if url.scheme() != "rtsp" {
+            return Err(format!("an RTSP URL starts with rtsp://, not {}://", url.scheme()));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("the RTSP URL has no host".into());
+        }
+        let decode = |v: &str| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
+        let creds = if url.username().is_empty() {
+            None
+        } else {
+            Some(Credentials { username: decode(url.username()), password: decode(url.password().unwrap_or("")) })
+        };
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(CameraUrl { url, creds })
+    }
+
+    /// The URL without credentials (safe to log).
+    pub fn redacted(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+/// Runs an RTSP source until the feed's ring closes, the camera ends the stream for good, or the
+/// first connection fails (a wrong address or password should be reported, not retried). Expects
+/// to be called on a tokio runtime (network I/O only; decoding is on the feed's thread).
+pub async fn run(camera: CameraUrl, opts: RtspOptions, mut feed: LiveFeed, events: EventSink) {
+    let mut base = Duration::ZERO; // stream time at the start of the current connection
+    let mut last: Option<(Duration, Instant)> = None; // last frame's stream time and arrival
+    let mut attempt = 0u32;
+    let mut backoff = opts.backoff_initial;
+    let mut connected_once = false;
+    loop {
+        let outcome = connection(&camera, &opts, &mut feed, &events, &mut base, &mut last, &mut connected_once).await;
+        let error = match outcome {
+            Conn::Closed => return,
+            Conn::Lost { error, delivered } => {
+                if delivered {
+                    attempt = 0;
+                    backoff = opts.backoff_initial;
+                }
+                error
+            }
+            Conn::Fatal(error) => {
+                feed.finish(RingEnd::Failed(error));
+                return;
+            }
+        };
+        attempt += 1;
+        if opts.max_attempts.is_some_and(|m| attempt > m) {
+            feed.finish(RingEnd::Failed(format!("the camera is gone after {} attempts: {error}", attempt - 1)));
+            return;
+        }
+        tracing::warn!(camera = camera.redacted(), attempt, %error, retry_in_ms = backoff.as_millis() as u64, "RTSP connection lost");
+        events(SourceEvent::Reconnecting { attempt, error, retry_in: backoff });
+        let wake = Instant::now() + backoff;
+        while Instant::now() < wake {
+            if feed.is_closed() {
+                return;
+            }
+            tokio::time::sleep((wake - Instant::now()).min(Duration::from_millis(100))).await;
+        }
+        backoff = (backoff * 2).min(opts.backoff_max);
+    }
+}
+
+enum Conn {
+    /// Nobody wants frames any more.
+    Closed,
+    /// The connection failed or dropped; `delivered` says whether it produced frames.
+    Lost { error: String, delivered: bool },
+    /// Do not retry.
+    Fatal(String),
+}
+
+async fn connection(
+    camera: &CameraUrl,
+    opts: &RtspOptions,
+    feed: &mut LiveFeed,
+    events: &EventSink,
+    base: &mut Duration,
+    last: &mut Option<(Duration, Instant)>,
+    connected_once: &mut bool,
+) -> Conn {
+    let first = !*connected_once;
+    let fail = |error: String| if first { Conn::Fatal(error) } else { Conn::Lost { error, delivered: false } };
+    let timeout = opts.connect_timeout;
+    let session_opts = SessionOptions::default().creds(camera.creds.clone()).user_agent("lookout".into());
+    let described = match tokio::time::timeout(
+        timeout,
+        retina::client::Session::describe(camera.url.clone(), session_opts),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(format!("RTSP DESCRIBE failed: {e}")),
+        Err(_) => return fail(format!("the camera did not answer within {timeout:?}")),
+    };
+    let mut session = described;
+    let Some((index, codec)) = session.streams().iter().enumerate().find_map(|(i, s)| {
+        if s.media() != "video" {
+            return None;
+        }
+        match s.encoding_name() {
+            "h264" => Some((i, LiveCodec::H264)),
+            "h265" => Some((i, LiveCodec::H265)),
+            _ => None,
+        }
+    }) else {
+        let found: Vec<String> =
+            session.streams().iter().map(|s| format!("{}/{}", s.media(), s.encoding_name())).collect();
+        return Conn::Fatal(format!("the camera offers no H.264 or H.265 video (it offers {})", found.join(", ")));
+    };
+    let transport = match opts.transport {
+        RtspTransport::Tcp => Transport::Tcp(TcpTransportOptions::default()),
+        RtspTransport::Udp => Transport::Udp(Default::default()),
+    };
+    let setup = SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE);
+    match tokio::time::timeout(timeout, session.setup(index, setup)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return fail(format!("RTSP SETUP failed: {e}")),
+        Err(_) => return fail(format!("SETUP got no answer within {timeout:?}")),
+    }
+    let playing = match tokio::time::timeout(timeout, session.play(PlayOptions::default())).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return fail(format!("RTSP PLAY failed: {e}")),
+        Err(_) => return fail(format!("PLAY got no answer within {timeout:?}")),
+    };
+    let mut demuxed = match playing.demuxed() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cannot depacketize the camera's stream: {e}")),
+    };
+    *connected_once = true;
+    let mut delivered = false;
+    let mut waited = Duration::ZERO;
+    let poll = Duration::from_millis(250);
+    feed.resync();
+    loop {
+        if feed.is_closed() {
+            return Conn::Closed;
+        }
+        let limit = if delivered { opts.stall_timeout } else { opts.connect_timeout.max(opts.stall_timeout) };
+        let item = match tokio::time::timeout(poll, demuxed.next()).await {
+            Err(_) => {
+                waited += poll;
+                if waited >= limit {
+                    return Conn::Lost { error: format!("no video from the camera for {limit:?}"), delivered };
+                }
+                continue;
+            }
+            Ok(None) => return Conn::Lost { error: "the camera ended the stream".into(), delivered },
+            Ok(Some(Err(e))) => return Conn::Lost { error: e.to_string(), delivered },
+            Ok(Some(Ok(item))) => item,
+        };
+        waited = Duration::ZERO;
+        let CodecItem::VideoFrame(frame) = item else { continue };
+        if frame.stream_id() != index {
+            continue;
+        }
+        if !delivered {
+            delivered = true;
+            if let Some((prev, at)) = *last {
+                // Stream time goes on by the wall-clock length of the gap.
+                *base = prev + at.elapsed();
+                events(SourceEvent::Resumed { from: prev, to: *base });
+            }
+        }
+        let elapsed = frame.timestamp().elapsed_secs().max(0.0);
+        let pts = *base + Duration::from_secs_f64(elapsed);
+        *last = Some((pts, Instant::now()));
+        let key = frame.is_random_access_point();
+        if !feed.push(Encoded { codec, data: frame.into_data(), pts, key }) {
+            return Conn::Closed;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_out_of_the_url() {
+        let c = CameraUrl::parse("rtsp://admin:p%40ss%3Aw0rd@10.0.0.5:554/stream1").unwrap();
+        assert_eq!(c.redacted(), "rtsp://10.0.0.5:554/stream1");
+        let creds = c.creds.as_ref().unwrap();
+        assert_eq!((creds.username.as_str(), creds.password.as_str()), ("admin", "p@ss:w0rd"));
+        assert!(!format!("{c:?}").contains("w0rd"));
+        assert!(CameraUrl::parse("rtsp://cam/x").unwrap().creds.is_none());
+        assert!(CameraUrl::parse("http://cam/x").unwrap_err().contains("rtsp://"));
+        assert!(CameraUrl::parse("not a url").is_err());
+        assert_eq!("udp".parse::<RtspTransport>(), Ok(RtspTransport::Udp));
+        assert!("sctp".parse::<RtspTransport>().is_err());
+    }
+}

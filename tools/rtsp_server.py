@@ -1,0 +1,79 @@
+#!/usr/bin/python3
+"""A real RTSP server for Lookout's tests and benchmarks: GStreamer's gst-rtsp-server (Debian
+packages python3-gi, gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-{base,good,bad,ugly}).
+
+Serves live test patterns on 127.0.0.1:
+
+  /h264        H.264 (x264), 640x360 at 15 fps
+  /h265        H.265 (x265), 640x360 at 15 fps
+  /h264-720p   H.264, 1280x720 at 30 fps (the CPU-per-stream measurement)
+
+With --auth USER:PASSWORD every mount asks for those credentials.
+
+Each client gets its own pipeline (a live source starts at a key frame). Prints
+"READY <port>" on stdout once listening. Run with Debian's Python (/usr/bin/python3): the gi
+bindings are Debian packages.
+"""
+
+import argparse
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+SOURCE = "videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},framerate={fps}/1 ! videoconvert"
+H264 = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate=1500 ! rtph264pay name=pay0 pt=96 config-interval=-1"
+H265 = "x265enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate=1500 ! rtph265pay name=pay0 pt=96 config-interval=-1"
+
+
+def factory(launch):
+    f = GstRtspServer.RTSPMediaFactory()
+    f.set_launch("( " + launch + " )")
+    f.set_shared(False)
+    return f
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8554)
+    ap.add_argument("--auth", help="USER:PASSWORD required on every mount (Basic)")
+    args = ap.parse_args()
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    mounts = server.get_mount_points()
+    small = SOURCE.format(w=640, h=360, fps=15)
+    mounts.add_factory("/h264", factory(small + " ! " + H264.format(gop=15)))
+    mounts.add_factory("/h265", factory(small + " ! " + H265.format(gop=15)))
+    big = SOURCE.format(w=1280, h=720, fps=30)
+    mounts.add_factory("/h264-720p", factory(big + " ! " + H264.format(gop=30)))
+
+    if args.auth:
+        # Every mount asks for Basic credentials (without a default token, gst-rtsp-server
+        # answers 401 with a challenge).
+        user, password = args.auth.split(":", 1)
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer")
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+        server.set_auth(auth)
+        for path in ("/h264", "/h265", "/h264-720p"):
+            perms = GstRtspServer.RTSPPermissions()
+            perms.add_role("viewer")
+            perms.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)
+            perms.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, True)
+            mounts.match(path)[0].set_permissions(perms)
+
+    if server.attach(None) == 0:
+        print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)
+        sys.exit(1)
+    print(f"READY {server.get_bound_port()}", flush=True)
+    GLib.MainLoop().run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+//! What the service tests share: a `lookout serve` on 127.0.0.1 with the fixture model, a
+//! WebSocket client, and the real peers the live-source tests talk to.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ClientMessage, ServerMessage};
+use tokio_tungstenite::tungstenite::Message;
+use ws_gateway::server::{ServeConfig, serve};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub struct Server {
+    pub base: String,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the service with the tiny fixture model on CPU, `adjust`ed, and waits until it is ready.
+pub async fn start_server(adjust: impl FnOnce(&mut ServeConfig)) -> Server {
+    let data = std::env::temp_dir().join(format!("lookout-serve-{}-{}", std::process::id(), rand_suffix()));
+    let mut config = ServeConfig {
+        model: root().join("fixtures/models/tiny-tied").to_string_lossy().into_owned(),
+        data_dir: data,
+        max_sessions: 4,
+        max_ws_message_bytes: 16 * 1024,
+        engine_queue: 4,
+        ..ServeConfig::default()
+    };
+    adjust(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(config, listener, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let server = Server { base, stop: Some(tx), task };
+    // Wait for the model.
+    for _ in 0..200 {
+        let url = format!("http://{}/v1/health", server.base);
+        let h: serde_json::Value =
+            tokio::task::spawn_blocking(move || ureq::get(&url).call().ok().map(|r| r.into_json().unwrap()))
+                .await
+                .unwrap()
+                .unwrap_or_default();
+        if h["status"] == "ready" {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the model never became ready");
+}
+
+pub fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn connect(base: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{base}/v1/ws")).await.unwrap().0
+}
+
+pub async fn send(ws: &mut Ws, m: &ClientMessage) {
+    ws.send(Message::Text(serde_json::to_string(m).unwrap().into())).await.unwrap();
+}
+
+pub async fn recv(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("no message within 60 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// GStreamer's RTSP server (tools/rtsp_server.py) on 127.0.0.1; killed when dropped.
+pub struct RtspServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RtspServer {
+    pub fn start(port: u16, auth: Option<&str>) -> RtspServer {
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(root().join("tools/rtsp_server.py")).arg("--port").arg(port.to_string());
+        if let Some(a) = auth {
+            cmd.arg("--auth").arg(a);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("GStreamer RTSP server (scripts/setup.sh installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("READY"), "the RTSP server did not start: {line:?}");
+        RtspServer { port, child }
+    }
+
+    /// Kills the server at once (no TEARDOWN, no goodbye: the camera dropped).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

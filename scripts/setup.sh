@@ -37,3 +37,20 @@ if command -v rustup >/dev/null 2>&1; then
   rustup target list --installed 2>/dev/null | grep -q '^wasm32-unknown-unknown$' ||
     rustup target add wasm32-unknown-unknown >/dev/null
 fi
+
+# The web UI: wasm-bindgen-cli pinned to the frontend's wasm-bindgen (see frontend/Cargo.toml).
+WASM_BINDGEN_VERSION=0.2.130
+if ! wasm-bindgen --version 2>/dev/null | grep -q " $WASM_BINDGEN_VERSION$"; then
+  echo "setup: installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
+  cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --force
+fi
+
+# Browser tests: playwright-core drives Debian's chromium (no browser download).
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -d "$root/tests/browser/node_modules/playwright-core" ]; then
+    (cd "$root/tests/browser" && npm ci --no-audit --no-fund --silent)
+  fi
+else
+  echo "setup: npm not found; the browser tests need Node.js and npm" >&2
+fi

@@ -117,7 +117,12 @@ async fn publish(base: &str) -> (String, Arc<dyn PeerConnection>, tokio::task::J
     let url = format!("http://{base}/v1/whip");
     let (status, location, ct, answer) = tokio::task::spawn_blocking(move || {
         let r = ureq::post(&url).set("Content-Type", "application/sdp").send_string(&offer).unwrap();
-        (r.status(), r.header("Location").unwrap_or("").to_owned(), r.content_type().to_owned(), r.into_string().unwrap())
+        (
+            r.status(),
+            r.header("Location").unwrap_or("").to_owned(),
+            r.content_type().to_owned(),
+            r.into_string().unwrap(),
+        )
     })
     .await
     .unwrap();

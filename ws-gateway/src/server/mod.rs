@@ -13,6 +13,7 @@ mod openai;
 mod rest;
 mod session;
 mod sources;
+mod ui;
 mod uploads;
 mod whip;
 
@@ -278,6 +279,8 @@ async fn docs(
 /// Builds the router (separate from serving, for tests).
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/app/{file}", get(ui::file))
         .route("/v1/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))

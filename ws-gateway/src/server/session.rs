@@ -312,7 +312,8 @@ async fn drive(
     }
 
     // 3. Windows, prompts and status until the end.
-    let mut status = tokio::time::interval(Duration::from_secs(1));
+    let mut status =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pushed = (0u64, Instant::now());
     let mut reported_skips = 0u64;

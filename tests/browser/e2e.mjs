@@ -1,0 +1,226 @@
+// End-to-end tests of the web UI in Debian's headless chromium, driven by playwright-core.
+//
+// Starts `target/debug/lookout serve` with the tiny fixture model on 127.0.0.1 and, in a real
+// browser against the UI the binary embeds:
+//   1. uploads a clip (progress bar), watches it replay and tokens stream into the window card;
+//   2. publishes chromium's fake camera (a Y4M file) over WHIP and watches tokens stream;
+//      changes the prompt mid-stream, then stops;
+//   3. watches GStreamer's RTSP server (tools/rtsp_server.py) through the RTSP tab;
+//   4. gets a clear error for a camera that is not there.
+// Screenshots go to target/browser-artifacts/. Run by scripts/test.sh (after the binary is built).
+
+import { chromium } from "playwright-core";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import net from "node:net";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const artifacts = join(root, "target/browser-artifacts");
+mkdirSync(artifacts, { recursive: true });
+const work = mkdtempSync(join(tmpdir(), "lookout-e2e-"));
+const clip = join(root, "fixtures/preprocess/clips/vp9_25fps_320x240.webm");
+const children = [];
+const results = [];
+
+function cleanup() {
+  for (const c of children) {
+    try { c.kill("SIGKILL"); } catch {}
+  }
+  rmSync(work, { recursive: true, force: true });
+}
+
+function freePort() {
+  return new Promise((res) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => res(p)); });
+  });
+}
+
+function waitForLine(child, re, what, ms = 60000) {
+  return new Promise((res, rej) => {
+    let buf = "";
+    const t = setTimeout(() => rej(new Error(`${what}: nothing matching ${re} within ${ms} ms:\n${buf}`)), ms);
+    const on = (d) => {
+      buf += d.toString();
+      const m = buf.match(re);
+      if (m) { clearTimeout(t); res(m); }
+    };
+    child.stdout?.on("data", on);
+    child.stderr?.on("data", on);
+    child.on("exit", (code) => { clearTimeout(t); rej(new Error(`${what} exited with ${code}:\n${buf}`)); });
+  });
+}
+
+async function startLookout() {
+  const bin = join(root, "target/debug/lookout");
+  const c = spawn(bin, ["serve", "--model", join(root, "fixtures/models/tiny-tied"), "--port", "0",
+    "--data-dir", join(work, "data")], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
+  children.push(c);
+  const m = await waitForLine(c, /listening on (http:\/\/[0-9.:]+)/, "lookout serve");
+  return m[1];
+}
+
+async function startRtsp() {
+  const port = await freePort();
+  const c = spawn("/usr/bin/python3", [join(root, "tools/rtsp_server.py"), "--port", String(port)],
+    { stdio: ["ignore", "pipe", "pipe"] });
+  children.push(c);
+  await waitForLine(c, /READY/, "RTSP server", 20000);
+  return `rtsp://127.0.0.1:${port}/h264`;
+}
+
+async function settings(page, { window = "1", fps = "2", maxPixels = "16384", maxTokens = "6" } = {}) {
+  await page.fill("#window-s", window);
+  await page.fill("#stride-s", window);
+  await page.fill("#fps", fps);
+  await page.fill("#max-pixels", maxPixels);
+  await page.fill("#max-tokens", maxTokens);
+}
+
+async function waitTokens(page, what) {
+  await page.waitForFunction(() => (document.querySelector("#tokens")?.textContent ?? "").length > 0,
+    null, { timeout: 90000 }).catch(async (e) => {
+    await page.screenshot({ path: join(artifacts, `${what}-failed.png`), fullPage: true });
+    const err = await page.textContent("#error").catch(() => null);
+    throw new Error(`${what}: no tokens in the page (${err ?? e.message})`);
+  });
+  // A finished window on the timeline, with its timings.
+  await page.waitForFunction(() => [...document.querySelectorAll("#timeline .timing")]
+    .some((t) => t.textContent.includes("tokens")), null, { timeout: 90000 });
+}
+
+async function test(name, fn) {
+  const started = Date.now();
+  try {
+    await fn();
+    results.push({ name, ok: true, ms: Date.now() - started });
+    console.log(`ok   ${name} (${Date.now() - started} ms)`);
+  } catch (e) {
+    results.push({ name, ok: false });
+    console.log(`FAIL ${name}: ${e.stack ?? e}`);
+  }
+}
+
+async function main() {
+  const y4m = join(work, "camera.y4m");
+  execFileSync("ffmpeg", ["-v", "error", "-y", "-i", clip, "-t", "4", "-pix_fmt", "yuv420p", y4m]);
+  const base = await startLookout();
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--use-fake-device-for-media-stream",
+      "--use-fake-ui-for-media-stream", `--use-file-for-fake-video-capture=${y4m}`],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  await context.grantPermissions(["camera"], { origin: base });
+  const page = await context.newPage();
+  const consoleErrors = [];
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+
+  await test("the page loads the wasm UI and shows the model, device and health", async () => {
+    await page.goto(base);
+    await page.waitForSelector("#health");
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready", null, { timeout: 30000 });
+    const model = await page.textContent("#model");
+    const device = await page.textContent("#device");
+    if (!model.includes("tiny-tied") || device !== "cpu") throw new Error(`model ${model}, device ${device}`);
+  });
+
+  await test("upload a clip: progress, replay in step, tokens stream into the window card", async () => {
+    await page.click("#tab-upload");
+    await page.setInputFiles("#file", clip);
+    await settings(page);
+    await page.fill("#prompt", "What is in the clip?");
+    await page.evaluate(() => { window.__v = document.querySelector("#preview"); });
+    await page.click("#start");
+    await page.waitForSelector("#upload-progress", { timeout: 10000 });
+    // While the replay runs, the clip plays along.
+    await page.waitForFunction(() => document.querySelector("#phase")?.textContent === "live", null, { timeout: 30000 });
+    await page.waitForFunction(() => document.querySelector("#preview").currentTime > 0.2, null, { timeout: 10000 })
+      .catch(() => {});
+    await waitTokens(page, "upload");
+    const v = await page.evaluate(() => {
+      const v = document.querySelector("#preview");
+      return { same: v === window.__v, t: v.currentTime, src: v.src, ready: v.readyState, paused: v.paused, err: v.error?.message, can: v.canPlayType("video/webm; codecs=vp9") };
+    });
+    if (!(v.t > 0)) {
+      const p = await page.evaluate(() => document.querySelector("#preview").play().then(() => "ok").catch((e) => e.message));
+      throw new Error(`the clip is not playing: ${JSON.stringify(v)} play: ${p}`);
+    }
+    const info = await page.textContent("#source-info");
+    if (!info.includes("vp9 320×240")) throw new Error(`source ${info}`);
+    await page.screenshot({ path: join(artifacts, "upload.png"), fullPage: true });
+    await page.waitForFunction(() => (document.querySelector("#phase")?.textContent ?? "").startsWith("ended"),
+      null, { timeout: 60000 });
+  });
+
+  await test("publish the browser camera over WHIP: tokens stream; the prompt changes mid-stream; stop", async () => {
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#tab-camera");
+    await settings(page);
+    await page.click("#start");
+    await waitTokens(page, "camera");
+    const info = await page.textContent("#source-info");
+    if (!/vp8|h264/.test(info)) throw new Error(`source ${info}`);
+    const fps = await page.textContent("#ingest");
+    const preview = await page.evaluate(() => document.querySelector("#preview").srcObject !== null);
+    if (!preview) throw new Error("the camera preview is not shown");
+    await page.fill("#prompt", "Count the objects.");
+    await page.click("#send-prompt");
+    await page.waitForSelector("#notice");
+    await page.screenshot({ path: join(artifacts, "camera.png"), fullPage: true });
+    await page.click("#stop");
+    await page.waitForFunction(() => (document.querySelector("#phase")?.textContent ?? "").includes("stopped"),
+      null, { timeout: 30000 });
+    console.log(`     camera: ${info}; ${fps}`);
+  });
+
+  await test("watch an RTSP camera (GStreamer's RTSP server)", async () => {
+    const url = await startRtsp();
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#tab-rtsp");
+    await page.fill("#rtsp-url", url);
+    await settings(page);
+    await page.click("#start");
+    await waitTokens(page, "rtsp");
+    await page.screenshot({ path: join(artifacts, "rtsp.png"), fullPage: true });
+    await page.click("#stop");
+  });
+
+  await test("a camera that is not there gets a clear error that says what to do", async () => {
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#tab-rtsp");
+    const port = await freePort();
+    await page.fill("#rtsp-url", `rtsp://127.0.0.1:${port}/nothing`);
+    await page.click("#start");
+    await page.waitForSelector("#error", { timeout: 30000 });
+    const text = await page.textContent("#error");
+    if (!text.includes("DESCRIBE") || !text.includes("reachable")) throw new Error(text);
+    await page.screenshot({ path: join(artifacts, "error.png"), fullPage: true });
+  });
+
+  if (consoleErrors.length) {
+    results.push({ name: "no page errors", ok: false });
+    console.log(`FAIL page errors: ${consoleErrors.join("\n")}`);
+  }
+  await browser.close();
+}
+
+try {
+  await main();
+} catch (e) {
+  console.log(`FAIL setup: ${e.stack ?? e}`);
+  results.push({ name: "setup", ok: false });
+} finally {
+  cleanup();
+}
+const failed = results.filter((r) => !r.ok);
+console.log(`browser tests: ${results.length - failed.length} passed, ${failed.length} failed; screenshots in ${artifacts}`);
+process.exit(failed.length ? 1 : 0);

@@ -20,6 +20,7 @@ pub mod live;
 pub mod replay;
 pub mod ring;
 pub mod rtsp;
+pub mod webrtc;
 
 pub use error::IngestError;
 pub use file::{DecodeOptions, FileSource, FrameStream, VideoInfo, probe};

@@ -17,7 +17,7 @@ mod ui;
 mod uploads;
 mod whip;
 
-pub use whip::{IceServer, WebrtcConfig};
+pub use ingest::webrtc::{IceServer, WebrtcConfig};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,7 +124,7 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_session: AtomicUsize,
     pub(crate) metrics: Metrics,
-    pub(crate) whip: whip::Whip,
+    pub(crate) whip: Arc<ingest::webrtc::Whip>,
 }
 
 impl AppState {
@@ -312,7 +312,7 @@ pub async fn serve(
         shutdown: shutdown_rx,
         next_session: AtomicUsize::new(1),
         metrics: Metrics::default(),
-        whip: whip::Whip::default(),
+        whip: ingest::webrtc::Whip::new(config.webrtc.clone()),
     });
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();

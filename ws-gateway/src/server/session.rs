@@ -312,8 +312,9 @@ async fn drive(
     }
 
     // 3. Windows, prompts and status until the end.
-    let mut status =
-        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    // The first report comes after a quarter second (a rate needs an interval to be measured over).
+    let first = tokio::time::Instant::now() + Duration::from_millis(250);
+    let mut status = tokio::time::interval_at(first, Duration::from_secs(1));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pushed = (0u64, Instant::now());
     let mut reported_skips = 0u64;

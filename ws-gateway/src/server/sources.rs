@@ -75,7 +75,13 @@ pub(crate) async fn open(
         }
         Source::Webrtc { resource } => {
             let (sink, events) = event_channel();
-            super::whip::attach(state, resource, session, ring, admit, sink)?;
+            state.whip.attach(resource, session, ring, admit, sink).map_err(|e| {
+                let code = match e {
+                    ingest::webrtc::AttachError::Internal(_) => ErrorCode::Internal,
+                    _ => ErrorCode::BadRequest,
+                };
+                (code, e.to_string())
+            })?;
             return Ok(Opened { info: pending_info(), events: Some(events), _temp: None });
         }
     };

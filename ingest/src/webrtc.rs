@@ -1,0 +1,577 @@
+//! WebRTC ingest with webrtc-rs (the 0.2x line, on its sans-I/O core): the WHIP resource
+//! lifecycle (RFC 9725) without HTTP. The server maps `POST /v1/whip` to [`Whip::publish`],
+//! `DELETE` to [`Whip::delete`], and a session's `{kind: "webrtc", resource}` to [`Whip::attach`].
+//!
+//! A resource is a receive-only peer connection for H.264 or VP8 video. The answer carries every
+//! ICE candidate (no trickle). Once a session attaches, the track's RTP is reassembled into frames
+//! (webrtc-rs' sample builder, tolerating reordering and loss), stamped with stream time from the
+//! RTP clock (90 kHz, counted from the first frame the session sees) and handed to the session's
+//! [`LiveFeed`]. A key frame is requested (PLI) when a session attaches and whenever the decoder
+//! waits for one. Network I/O runs on the tokio runtime; decoding runs on the feed's thread.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use rtc::media::io::sample_builder::SampleBuilder;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp::codec::h264::H264Packet;
+use rtc::rtp::codec::vp8::Vp8Packet;
+use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    register_default_interceptors,
+};
+
+use crate::live::{Encoded, EventSink, FeedOptions, LiveCodec, LiveFeed};
+use crate::replay::Admit;
+use crate::ring::{FrameRing, RingEnd};
+
+/// An ICE server (STUN or TURN) offered to peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IceServer {
+    /// `stun:host:port`, `turn:host:port?transport=udp`, ...
+    pub urls: Vec<String>,
+    /// TURN user name.
+    pub username: String,
+    /// TURN password.
+    pub credential: String,
+}
+
+impl std::str::FromStr for IceServer {
+    type Err = String;
+    /// `stun:host:port`, or `turn:user:password@host:port[?transport=...]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (scheme, rest) = s.split_once(':').ok_or_else(|| format!("ICE server {s:?}: expected stun:… or turn:…"))?;
+        if !matches!(scheme, "stun" | "stuns" | "turn" | "turns") {
+            return Err(format!("ICE server {s:?}: the scheme must be stun, stuns, turn or turns"));
+        }
+        match rest.rsplit_once('@') {
+            Some((creds, host)) if scheme.starts_with("turn") => {
+                let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
+                Ok(IceServer {
+                    urls: vec![format!("{scheme}:{host}")],
+                    username: user.to_owned(),
+                    credential: pass.to_owned(),
+                })
+            }
+            _ => Ok(IceServer { urls: vec![s.to_owned()], ..Default::default() }),
+        }
+    }
+}
+
+/// WebRTC settings.
+#[derive(Debug, Clone)]
+pub struct WebrtcConfig {
+    /// STUN/TURN servers for ICE.
+    pub ice_servers: Vec<IceServer>,
+    /// Local UDP addresses for media; `0.0.0.0:0` means every non-loopback interface, on
+    /// ephemeral ports.
+    pub udp_addrs: Vec<String>,
+    /// Most resources at once.
+    pub max_resources: usize,
+    /// Longest wait for ICE candidate gathering before answering.
+    pub gather_timeout: Duration,
+}
+
+impl Default for WebrtcConfig {
+    fn default() -> Self {
+        WebrtcConfig {
+            ice_servers: Vec::new(),
+            udp_addrs: vec!["0.0.0.0:0".into()],
+            max_resources: 16,
+            gather_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why an offer was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum WhipError {
+    /// The offer is not valid SDP, or cannot be answered.
+    #[error("bad SDP offer: {0}")]
+    BadOffer(String),
+    /// The offer has no video this server receives.
+    #[error("the offer has no video this server can receive (H.264 or VP8)")]
+    NoVideo,
+    /// Every resource slot is taken.
+    #[error("all {0} WHIP resources are in use; DELETE one or try later")]
+    Full(usize),
+    /// Something failed locally.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a session could not attach.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// No such resource.
+    #[error("no WHIP resource {0:?}; publish with POST /v1/whip first")]
+    NotFound(String),
+    /// Another session watches it.
+    #[error("WHIP resource {0:?} is already watched by another session")]
+    Busy(String),
+    /// The decoder could not start.
+    #[error("cannot start a decoder: {0}")]
+    Internal(String),
+}
+
+/// What [`Whip::list`] says of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceInfo {
+    /// Resource id.
+    pub id: String,
+    /// Negotiated video codec, once the track arrived.
+    pub codec: Option<LiveCodec>,
+    /// Whether the peer connection is up.
+    pub connected: bool,
+    /// Whether a session is attached.
+    pub watched: bool,
+    /// Time since it was published.
+    pub age: Duration,
+}
+
+/// The WHIP resources of a server.
+pub struct Whip {
+    config: WebrtcConfig,
+    resources: Mutex<HashMap<String, Arc<Resource>>>,
+}
+
+impl std::fmt::Debug for Whip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Whip").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A session's hold on a resource.
+struct Subscriber {
+    feed: LiveFeed,
+    /// RTP timestamp (extended to 64 bits) of the first frame handed to this subscriber.
+    first_ts: Option<u64>,
+}
+
+/// One published stream.
+struct Resource {
+    id: String,
+    pc: Arc<dyn PeerConnection>,
+    subscriber: Mutex<Option<Subscriber>>,
+    codec: Mutex<Option<LiveCodec>>,
+    connected: AtomicBool,
+    ended: AtomicBool,
+    /// Set when a subscriber attaches or waits for a key frame: the track task sends a PLI.
+    want_key: AtomicBool,
+    created: Instant,
+}
+
+impl Resource {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Subscriber>> {
+        self.subscriber.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the stream for its session and closes the peer connection.
+    async fn end(&self, why: &str) {
+        if self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(resource = %self.id, why, "WHIP resource ended");
+        if let Some(s) = self.lock().take() {
+            s.feed.finish(RingEnd::EndOfStream);
+        }
+        let _ = self.pc.close().await;
+    }
+
+    /// Hands one reassembled frame to the session, if one is attached.
+    fn deliver(&self, codec: LiveCodec, data: Vec<u8>, rtp_ts: u64) {
+        let mut guard = self.lock();
+        let Some(sub) = guard.as_mut() else { return };
+        let key = is_key_frame(codec, &data);
+        let first = *sub.first_ts.get_or_insert(rtp_ts);
+        let pts = Duration::from_micros(rtp_ts.saturating_sub(first) * 1_000_000 / 90_000);
+        if !sub.feed.push(Encoded { codec, data, pts, key }) {
+            // The session is gone; the next one may attach.
+            *guard = None;
+            return;
+        }
+        if sub.feed.waiting_for_key() {
+            self.want_key.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether decoding can start at this frame.
+fn is_key_frame(codec: LiveCodec, data: &[u8]) -> bool {
+    match codec {
+        // Annex B: an IDR slice (5) or a sequence parameter set (7) ahead of one.
+        LiveCodec::H264 => data.windows(4).any(|w| w[..3] == [0, 0, 1] && matches!(w[3] & 0x1f, 5 | 7)),
+        // The VP8 frame tag's lowest bit is 0 on key frames (RFC 6386 §9.1).
+        LiveCodec::Vp8 => data.first().is_some_and(|b| b & 1 == 0),
+        // IRAP pictures (16..=21) or parameter sets (32..=34).
+        LiveCodec::H265 => {
+            data.windows(4).any(|w| w[..3] == [0, 0, 1] && matches!((w[3] >> 1) & 0x3f, 16..=21 | 32..=34))
+        }
+    }
+}
+
+impl Whip {
+    /// No resources yet.
+    pub fn new(config: WebrtcConfig) -> Arc<Whip> {
+        Arc::new(Whip { config, resources: Mutex::new(HashMap::new()) })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Resource>>> {
+        self.resources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers an SDP offer: creates a resource and returns its id and the SDP answer.
+    pub async fn publish(self: &Arc<Self>, offer_sdp: String) -> Result<(String, String), WhipError> {
+        let cfg = &self.config;
+        if self.map().len() >= cfg.max_resources {
+            return Err(WhipError::Full(cfg.max_resources));
+        }
+        let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| WhipError::BadOffer(e.to_string()))?;
+        let id = new_id();
+        let mut engine = media_engine().map_err(WhipError::Internal)?;
+        let registry = register_default_interceptors(Registry::new(), &mut engine)
+            .map_err(|e| WhipError::Internal(e.to_string()))?;
+        let ice: Vec<RTCIceServer> = cfg
+            .ice_servers
+            .iter()
+            .map(|s| RTCIceServer {
+                urls: s.urls.clone(),
+                username: s.username.clone(),
+                credential: s.credential.clone(),
+            })
+            .collect();
+        let (gathered_tx, mut gathered) = tokio::sync::watch::channel(false);
+        let handler = Arc::new(Handler {
+            whip: Arc::downgrade(self),
+            id: id.clone(),
+            gathered: gathered_tx,
+            resource: Mutex::new(None),
+        });
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice).build())
+            .with_media_engine(engine)
+            .with_interceptor_registry(registry)
+            .with_handler(handler.clone() as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(cfg.udp_addrs.clone())
+            .build()
+            .await
+            .map_err(|e| WhipError::Internal(format!("cannot create a peer connection: {e}")))?;
+        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let resource = Arc::new(Resource {
+            id: id.clone(),
+            pc: pc.clone(),
+            subscriber: Mutex::new(None),
+            codec: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            want_key: AtomicBool::new(false),
+            created: Instant::now(),
+        });
+        *handler.resource.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&resource));
+        let negotiated = async {
+            pc.set_remote_description(offer).await.map_err(|e| WhipError::BadOffer(e.to_string()))?;
+            let answer = pc.create_answer(None).await.map_err(|e| WhipError::BadOffer(e.to_string()))?;
+            pc.set_local_description(answer).await.map_err(|e| WhipError::Internal(e.to_string()))?;
+            // No trickle: the answer carries every candidate.
+            let _ = tokio::time::timeout(cfg.gather_timeout, gathered.wait_for(|g| *g)).await;
+            pc.local_description().await.ok_or_else(|| WhipError::Internal("no local description".into()))
+        }
+        .await;
+        let answer = match negotiated {
+            Ok(a) if a.sdp.lines().any(|l| l.starts_with("m=video") && !l.starts_with("m=video 0 ")) => a,
+            Ok(_) => {
+                let _ = pc.close().await;
+                return Err(WhipError::NoVideo);
+            }
+            Err(e) => {
+                let _ = pc.close().await;
+                return Err(e);
+            }
+        };
+        self.map().insert(id.clone(), resource);
+        tracing::info!(resource = %id, "WHIP resource created");
+        Ok((id, answer.sdp))
+    }
+
+    /// Attaches a session: from now on the resource's frames go to `ring` (those `admit` takes).
+    pub fn attach(
+        &self,
+        id: &str,
+        name: &str,
+        ring: Arc<FrameRing>,
+        admit: Admit,
+        events: EventSink,
+    ) -> Result<(), AttachError> {
+        let res = self.map().get(id).cloned().ok_or_else(|| AttachError::NotFound(id.to_owned()))?;
+        let mut guard = res.lock();
+        if guard.as_ref().is_some_and(|s| !s.feed.is_closed()) {
+            return Err(AttachError::Busy(id.to_owned()));
+        }
+        let feed = LiveFeed::start(name, ring, admit, events, FeedOptions::default())
+            .map_err(|e| AttachError::Internal(e.to_string()))?;
+        *guard = Some(Subscriber { feed, first_ts: None });
+        res.want_key.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends resource `id` (its session sees the end of the stream). False if there is none.
+    pub async fn delete(&self, id: &str) -> bool {
+        let removed = self.map().remove(id);
+        match removed {
+            Some(r) => {
+                r.end("deleted by the publisher").await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The resources, newest first.
+    pub fn list(&self) -> Vec<ResourceInfo> {
+        let all: Vec<Arc<Resource>> = self.map().values().cloned().collect();
+        let mut out: Vec<ResourceInfo> = all
+            .iter()
+            .map(|r| ResourceInfo {
+                id: r.id.clone(),
+                codec: *r.codec.lock().unwrap_or_else(|e| e.into_inner()),
+                connected: r.connected.load(Ordering::Relaxed),
+                watched: r.lock().as_ref().is_some_and(|s| !s.feed.is_closed()),
+                age: r.created.elapsed(),
+            })
+            .collect();
+        out.sort_by_key(|r| r.age);
+        out
+    }
+
+    /// Ends every resource (server shutdown).
+    pub async fn close_all(&self) {
+        let all: Vec<_> = self.map().drain().map(|(_, r)| r).collect();
+        for r in all {
+            r.end("the server is shutting down").await;
+        }
+    }
+}
+
+struct Handler {
+    whip: Weak<Whip>,
+    id: String,
+    gathered: tokio::sync::watch::Sender<bool>,
+    resource: Mutex<Option<Weak<Resource>>>,
+}
+
+impl Handler {
+    fn resource(&self) -> Option<Arc<Resource>> {
+        self.resource.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(Weak::upgrade)
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathered.send(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, s: RTCPeerConnectionState) {
+        tracing::info!(resource = %self.id, state = %s, "WHIP peer connection");
+        match s {
+            RTCPeerConnectionState::Connected => {
+                if let Some(r) = self.resource() {
+                    r.connected.store(true, Ordering::Relaxed);
+                }
+            }
+            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                let removed = self.whip.upgrade().and_then(|w| w.map().remove(&self.id));
+                if let Some(r) = removed {
+                    r.end(&format!("the peer connection is {s}")).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if track.kind().await != RtpCodecKind::Video {
+            return;
+        }
+        let Some(resource) = self.resource() else { return };
+        tokio::spawn(read_track(resource, track));
+    }
+}
+
+enum Builder {
+    H264(Box<SampleBuilder<H264Packet>>),
+    Vp8(Box<SampleBuilder<Vp8Packet>>),
+}
+
+/// Reads one video track: RTP packets → frames → the attached session.
+async fn read_track(resource: Arc<Resource>, track: Arc<dyn TrackRemote>) {
+    let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
+    let mime = track.codec(ssrc).await.map(|c| c.mime_type.to_ascii_lowercase()).unwrap_or_default();
+    let (codec, mut builder) = match mime.as_str() {
+        "video/h264" => (LiveCodec::H264, Builder::H264(Box::new(new_builder(H264Packet::default())))),
+        "video/vp8" => (LiveCodec::Vp8, Builder::Vp8(Box::new(new_builder(Vp8Packet::default())))),
+        other => {
+            tracing::warn!(resource = %resource.id, codec = other, "unsupported WebRTC video codec");
+            return;
+        }
+    };
+    *resource.codec.lock().unwrap_or_else(|e| e.into_inner()) = Some(codec);
+    tracing::info!(resource = %resource.id, codec = codec.name(), "WHIP video track");
+    let mut ext = RtpClock::default();
+    let mut last_pli: Option<Instant> = None;
+    loop {
+        if resource.want_key.load(Ordering::Relaxed)
+            && last_pli.is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+        {
+            resource.want_key.store(false, Ordering::Relaxed);
+            last_pli = Some(Instant::now());
+            let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
+            let _ = track.write_rtcp(vec![Box::new(pli)]).await;
+        }
+        let event = match tokio::time::timeout(Duration::from_millis(500), track.poll()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(_) => continue,
+        };
+        match event {
+            TrackRemoteEvent::OnRtpPacket(p) => {
+                let now = Instant::now();
+                match &mut builder {
+                    Builder::H264(b) => {
+                        b.push(now, p);
+                        while let Some((s, ts)) = b.pop_with_timestamp(now) {
+                            resource.deliver(codec, s.data.to_vec(), ext.extend(ts));
+                        }
+                    }
+                    Builder::Vp8(b) => {
+                        b.push(now, p);
+                        while let Some((s, ts)) = b.pop_with_timestamp(now) {
+                            resource.deliver(codec, s.data.to_vec(), ext.extend(ts));
+                        }
+                    }
+                }
+            }
+            TrackRemoteEvent::OnEnded => break,
+            _ => {}
+        }
+    }
+    tracing::info!(resource = %resource.id, "WHIP video track ended");
+}
+
+fn new_builder<T: rtc::rtp::packetizer::Depacketizer>(d: T) -> SampleBuilder<T> {
+    // Up to 256 packets of reordering, and at most 200 ms of waiting for a lost one.
+    SampleBuilder::new(256, d, 90_000).with_max_time_delay(Duration::from_millis(200))
+}
+
+/// Extends 32-bit RTP timestamps to 64 bits across wrap-around.
+#[derive(Default)]
+struct RtpClock {
+    last: Option<u32>,
+    high: u64,
+}
+
+impl RtpClock {
+    fn extend(&mut self, ts: u32) -> u64 {
+        if let Some(last) = self.last {
+            // A wrap: the new value is far below the last (and not a small reordering).
+            if ts < last && last - ts > u32::MAX / 2 {
+                self.high += 1 << 32;
+            }
+        }
+        self.last = Some(ts);
+        self.high + u64::from(ts)
+    }
+}
+
+fn media_engine() -> Result<MediaEngine, String> {
+    let mut m = MediaEngine::default();
+    let feedback = vec![
+        RTCPFeedback { typ: "goog-remb".into(), parameter: String::new() },
+        RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() },
+        RTCPFeedback { typ: "nack".into(), parameter: String::new() },
+        RTCPFeedback { typ: "nack".into(), parameter: "pli".into() },
+    ];
+    let codecs = [
+        ("video/H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f", 102u8),
+        ("video/H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f", 106),
+        ("video/H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640032", 112),
+        ("video/VP8", "", 96),
+    ];
+    for (mime, fmtp, pt) in codecs {
+        m.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: mime.into(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: fmtp.into(),
+                    rtcp_feedback: feedback.clone(),
+                },
+                payload_type: pt,
+            },
+            RtpCodecKind::Video,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(m)
+}
+
+/// 16 random characters of [a-z0-9] from the OS's generator (ids are capabilities: whoever knows
+/// one can watch or end the stream).
+fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock (still unique, not secret).
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes.copy_from_slice(&n.to_le_bytes());
+    }
+    bytes.iter().map(|b| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[usize::from(*b) % 36])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ice_servers_parse_with_and_without_credentials() {
+        let s: IceServer = "stun:stun.example.org:3478".parse().unwrap();
+        assert_eq!(s.urls, ["stun:stun.example.org:3478"]);
+        assert!(s.username.is_empty());
+        let t: IceServer = "turn:alice:pw@turn.example.org:3478?transport=udp".parse().unwrap();
+        assert_eq!(t.urls, ["turn:turn.example.org:3478?transport=udp"]);
+        assert_eq!((t.username.as_str(), t.credential.as_str()), ("alice", "pw"));
+        assert!("http://x".parse::<IceServer>().is_err());
+    }
+
+    #[test]
+    fn rtp_clock_extends_across_wrap() {
+        let mut c = RtpClock::default();
+        assert_eq!(c.extend(u32::MAX - 10), u64::from(u32::MAX - 10));
+        assert_eq!(c.extend(5), (1u64 << 32) + 5);
+        // Reordering just after the wrap does not count as another wrap.
+        assert_eq!(c.extend(3), (1u64 << 32) + 3);
+    }
+
+    #[test]
+    fn key_frames_are_recognised() {
+        assert!(is_key_frame(LiveCodec::H264, &[0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x65]));
+        assert!(!is_key_frame(LiveCodec::H264, &[0, 0, 0, 1, 0x41, 1, 2]));
+        assert!(is_key_frame(LiveCodec::Vp8, &[0x10, 0, 0]));
+        assert!(!is_key_frame(LiveCodec::Vp8, &[0x11, 0, 0]));
+    }
+
+    #[test]
+    fn ids_are_random_and_url_safe() {
+        let (a, b) = (new_id(), new_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+    }
+}

@@ -12,4 +12,7 @@ port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 50); do grep -q READY /tmp/lookout-rtsp-bench.log && break; sleep 0.1; done
-cargo bench -q -p ingest --bench live --locked -- "rtsp://127.0.0.1:$port/h264-720p" "$seconds"
+for path in h264-720p h264-720p-busy; do
+  echo "== /$path"
+  cargo bench -q -p ingest --bench live --locked -- "rtsp://127.0.0.1:$port/$path" "$seconds"
+done

@@ -7,6 +7,7 @@ Serves live test patterns on 127.0.0.1:
   /h264        H.264 (x264), 640x360 at 15 fps
   /h265        H.265 (x265), 640x360 at 15 fps
   /h264-720p   H.264, 1280x720 at 30 fps (the CPU-per-stream measurement)
+  /h264-720p-busy  the same size and rate, a moving zone plate at 4 Mbit/s (detail everywhere)
 
 With --auth USER:PASSWORD every mount asks for those credentials.
 
@@ -51,6 +52,9 @@ def main():
     mounts.add_factory("/h265", factory(small + " ! " + H265.format(gop=15)))
     big = SOURCE.format(w=1280, h=720, fps=30)
     mounts.add_factory("/h264-720p", factory(big + " ! " + H264.format(gop=30)))
+    # Fine moving detail everywhere (a zone plate) at 4 Mbit/s: closer to a busy real scene.
+    busy = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=1280,height=720,framerate=30/1 ! videoconvert"
+    mounts.add_factory("/h264-720p-busy", factory(busy + " ! " + H264.format(gop=30).replace("bitrate=1500", "bitrate=4000")))
 
     if args.auth:
         # Every mount asks for Basic credentials (without a default token, gst-rtsp-server
@@ -61,7 +65,7 @@ def main():
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer")
         auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
         server.set_auth(auth)
-        for path in ("/h264", "/h265", "/h264-720p"):
+        for path in ("/h264", "/h265", "/h264-720p", "/h264-720p-busy"):
             perms = GstRtspServer.RTSPPermissions()
             perms.add_role("viewer")
             perms.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)

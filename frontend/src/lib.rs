@@ -791,3 +791,37 @@ pub fn run() {
         None => yew::Renderer::<App>::new().render(),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_form_becomes_protocol_settings_or_says_which_field_is_wrong() {
+        let f = Form::default();
+        let w = f.window().unwrap();
+        assert_eq!((w.seconds, w.stride_seconds, w.fps), (Some(4.0), Some(4.0), Some(2.0)));
+        assert_eq!((w.min_pixels, w.max_pixels), (Some(4096), Some(262_144)));
+        let g = f.generation().unwrap();
+        assert_eq!((g.max_tokens, g.temperature), (Some(128), Some(0.0)));
+        let bad = Form { fps: "two".into(), ..Form::default() };
+        assert!(bad.window().unwrap_err().contains("FPS"));
+        let bad = Form { max_tokens: "-1".into(), ..Form::default() };
+        assert!(bad.generation().unwrap_err().contains("Max tokens"));
+    }
+
+    #[test]
+    fn every_error_code_has_advice() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Source,
+            ErrorCode::Model,
+            ErrorCode::Overloaded,
+            ErrorCode::Unauthorized,
+            ErrorCode::Internal,
+        ] {
+            assert!(hint(code).len() > 20);
+        }
+        assert!(hint(ErrorCode::Unauthorized).contains("API key"));
+    }
+}

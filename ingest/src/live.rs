@@ -8,6 +8,7 @@
 //! the ring itself overwrites its oldest frame when the reader (the model) falls behind.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
@@ -102,6 +103,8 @@ pub struct LiveFeed {
     tx: Option<SyncSender<Encoded>>,
     ring: Arc<FrameRing>,
     waiting_key: bool,
+    /// The sender's nominal frame rate (f64 bits), reported with the first frame.
+    nominal_fps: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LiveFeed {
@@ -137,13 +140,22 @@ impl LiveFeed {
         crate::init();
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue.max(1));
         let thread_ring = ring.clone();
+        let nominal_fps = Arc::new(AtomicU64::new(opts.nominal_fps.to_bits()));
+        let fps = nominal_fps.clone();
         std::thread::Builder::new().name(format!("decode:{name}")).spawn(move || {
-            let end = decode_loop(rx, &thread_ring, admit, &events, opts.nominal_fps);
+            let end = decode_loop(rx, &thread_ring, admit, &events, &fps);
             if let Err(e) = end {
                 thread_ring.close(RingEnd::Failed(e));
             }
         })?;
-        Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true })
+        Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true, nominal_fps })
+    }
+
+    /// Sets the sender's nominal frame rate (from its SDP or SPS) before the first frame.
+    pub fn set_nominal_fps(&self, fps: f64) {
+        if fps.is_finite() && fps > 0.0 {
+            self.nominal_fps.store(fps.to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Hands a frame to the decoder without waiting. Frames before the first key frame, and
@@ -218,7 +230,7 @@ fn decode_loop(
     ring: &FrameRing,
     mut admit: Admit,
     events: &EventSink,
-    nominal_fps: f64,
+    nominal_fps: &AtomicU64,
 ) -> Result<(), String> {
     let mut decoder: Option<(LiveCodec, ff::decoder::Video)> = None;
     let mut converter = RgbConverter::new();
@@ -269,7 +281,8 @@ fn decode_loop(
             let (width, height) = (decoded.width(), decoded.height());
             if !started {
                 started = true;
-                events(SourceEvent::Started { width, height, codec: codec.name().to_owned(), fps: nominal_fps });
+                let fps = f64::from_bits(nominal_fps.load(Ordering::Relaxed));
+                events(SourceEvent::Started { width, height, codec: codec.name().to_owned(), fps });
             }
             if !admit(pts) {
                 continue;
@@ -364,6 +377,37 @@ mod tests {
         assert_eq!(*started.lock().unwrap(), Some((320, 240)));
         assert!(ring.arrived() >= 22);
         feed.finish(RingEnd::EndOfStream);
+    }
+
+    #[test]
+    fn a_slow_decoder_never_blocks_the_network_side() {
+        let frames = annexb_frames();
+        let ring = FrameRing::new(4);
+        let opts = FeedOptions { queue: 2, nominal_fps: 30.0 };
+        let mut feed = LiveFeed::start("test", ring.clone(), Box::new(|_| true), Arc::new(|_| {}), opts).unwrap();
+        // A burst far faster than real time into a two-frame queue, nobody reading the ring.
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            for (data, key, pts) in frames.iter().cloned() {
+                assert!(feed.push(Encoded { codec: LiveCodec::H264, data, pts, key }));
+            }
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(200), "pushing 90 frames took {took:?}");
+        // The overflow dropped frames up to the next key frame, and they are counted.
+        assert!(ring.lost_upstream() > 0);
+        std::thread::sleep(Duration::from_millis(300));
+        // At a pace the decoder keeps up with, nobody reading: the ring keeps its newest frames
+        // and counts the ones it overwrote.
+        let before = ring.arrived();
+        for (data, key, pts) in frames.iter().cloned() {
+            assert!(feed.push(Encoded { codec: LiveCodec::H264, data, pts: pts + Duration::from_secs(10), key }));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(ring.arrived() - before >= 20, "arrived {}", ring.arrived() - before);
+        assert_eq!(ring.overwritten(), ring.pushed() - 4);
+        feed.finish(RingEnd::Stopped);
     }
 
     #[test]

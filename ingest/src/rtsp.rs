@@ -248,6 +248,7 @@ async fn connection(
         }
         if !delivered {
             delivered = true;
+            feed.set_nominal_fps(nominal_fps(&demuxed.streams()[index]));
             if let Some((prev, at)) = *last {
                 // Stream time goes on by the wall-clock length of the gap.
                 *base = prev + at.elapsed();
@@ -262,6 +263,17 @@ async fn connection(
             return Conn::Closed;
         }
     }
+}
+
+/// The camera's frame rate: from the SPS timing info, else the SDP's `a=framerate`, else 0.
+fn nominal_fps(stream: &retina::client::Stream) -> f64 {
+    if let Some(retina::codec::ParametersRef::Video(v)) = stream.parameters()
+        && let Some((ticks, scale)) = v.frame_rate()
+        && ticks > 0
+    {
+        return f64::from(scale) / f64::from(ticks);
+    }
+    stream.framerate().map_or(0.0, f64::from)
 }
 
 #[cfg(test)]

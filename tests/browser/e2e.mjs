@@ -190,6 +190,14 @@ async function main() {
     await page.click("#start");
     await waitTokens(page, "rtsp");
     await page.screenshot({ path: join(artifacts, "rtsp.png"), fullPage: true });
+    // Restart: the session ends and a new one starts on the same source.
+    const before = (await page.textContent("#source-info")).split(" ")[0];
+    await page.click("#restart");
+    await page.waitForFunction((b) => {
+      const s = document.querySelector("#source-info")?.textContent ?? "";
+      return s.length > 0 && !s.startsWith(b + " ");
+    }, before, { timeout: 30000 });
+    await waitTokens(page, "rtsp-restart");
     await page.click("#stop");
   });
 

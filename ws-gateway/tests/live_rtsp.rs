@@ -54,6 +54,8 @@ async fn h264_and_h265_cameras_stream_tokens_over_tcp_and_udp() {
             ServerMessage::Ready { source, .. } => {
                 assert_eq!((source.width, source.height), (640, 360), "{path}");
                 assert_eq!(source.codec, codec);
+                // The camera's own frame rate, from its parameter sets.
+                assert!((source.fps - 15.0).abs() < 0.01, "{path}: {} fps", source.fps);
             }
             other => panic!("{path}: {other:?}"),
         }

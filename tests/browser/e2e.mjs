@@ -54,9 +54,9 @@ function waitForLine(child, re, what, ms = 60000) {
   });
 }
 
-async function startLookout() {
+async function startLookout(model = join(root, "fixtures/models/tiny-tied")) {
   const bin = join(root, "target/debug/lookout");
-  const c = spawn(bin, ["serve", "--model", join(root, "fixtures/models/tiny-tied"), "--port", "0",
+  const c = spawn(bin, ["serve", "--model", model, "--port", "0",
     "--data-dir", join(work, "data")], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
   children.push(c);
   const m = await waitForLine(c, /listening on (http:\/\/[0-9.:]+)/, "lookout serve");
@@ -116,7 +116,6 @@ async function main() {
       "--use-fake-ui-for-media-stream", `--use-file-for-fake-video-capture=${y4m}`],
   });
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  await context.grantPermissions(["camera"], { origin: base });
   const page = await context.newPage();
   const consoleErrors = [];
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
@@ -212,6 +211,19 @@ async function main() {
     const text = await page.textContent("#error");
     if (!text.includes("DESCRIBE") || !text.includes("reachable")) throw new Error(text);
     await page.screenshot({ path: join(artifacts, "error.png"), fullPage: true });
+  });
+
+  await test("a model that fails to load is shown as failed, with why", async () => {
+    const broken = await startLookout(join(work, "no-such-model"));
+    await page.goto(broken);
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "model failed", null,
+      { timeout: 30000 }).catch(async (e) => {
+      await page.screenshot({ path: join(artifacts, "model-failed-failed.png"), fullPage: true });
+      throw new Error(`${e.message}: health says ${await page.textContent("#health").catch(() => "nothing")}`);
+    });
+    const why = await page.textContent(".health-error");
+    if (!why.includes("no-such-model")) throw new Error(why);
+    await page.screenshot({ path: join(artifacts, "model-failed.png"), fullPage: true });
   });
 
   if (consoleErrors.length) {

@@ -41,6 +41,19 @@ impl LiveCodec {
         }
     }
 
+    /// Whether decoding can start at this frame (Annex B for H.264/H.265).
+    pub fn is_key_frame(self, data: &[u8]) -> bool {
+        let nal_types = || data.windows(4).filter(|w| w[..3] == [0, 0, 1]).map(|w| w[3]);
+        match self {
+            // An IDR slice (5) or a sequence parameter set (7) ahead of one.
+            LiveCodec::H264 => nal_types().any(|h| matches!(h & 0x1f, 5 | 7)),
+            // IRAP pictures (16..=21) or parameter sets (32..=34).
+            LiveCodec::H265 => nal_types().any(|h| matches!((h >> 1) & 0x3f, 16..=21 | 32..=34)),
+            // The VP8 frame tag's lowest bit is 0 on key frames (RFC 6386 §9.1).
+            LiveCodec::Vp8 => data.first().is_some_and(|b| b & 1 == 0),
+        }
+    }
+
     fn id(self) -> ff::codec::Id {
         match self {
             LiveCodec::H264 => ff::codec::Id::H264,
@@ -93,6 +106,19 @@ pub enum SourceEvent {
         /// Stream time of the first frame after it.
         to: Duration,
     },
+}
+
+/// Splits an H.264 Annex B byte stream whose access units each begin with an access unit
+/// delimiter (NAL type 9, as `ffmpeg -bsf:v h264_metadata=aud=insert` writes) into those units.
+/// Bytes before the first delimiter are dropped.
+pub fn split_access_units(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts: Vec<usize> = (0..data.len().saturating_sub(3))
+        .filter(|&i| data[i..i + 4] == [0, 0, 1, 9])
+        // Keep the fourth byte of a 4-byte start code with its unit.
+        .map(|i| if i > 0 && data[i - 1] == 0 { i - 1 } else { i })
+        .collect();
+    starts.push(data.len());
+    starts.windows(2).map(|w| &data[w[0]..w[1]]).collect()
 }
 
 /// Receives [`SourceEvent`]s (must not block).
@@ -321,19 +347,12 @@ mod tests {
         assert!(status.success());
         let data = std::fs::read(&out).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        // Start of each AUD NAL (type 9), with its 4-byte start code.
-        let mut starts: Vec<usize> = (0..data.len().saturating_sub(4))
-            .filter(|&i| data[i..i + 4] == [0, 0, 1, 9])
-            .map(|i| i.saturating_sub(1))
-            .collect();
-        starts.push(data.len());
-        starts
-            .windows(2)
+        split_access_units(&data)
+            .into_iter()
             .enumerate()
-            .map(|(i, w)| {
-                let au = data[w[0]..w[1]].to_vec();
-                let key = au.windows(4).any(|n| n[..3] == [0, 0, 1] && n[3] & 0x1f == 5);
-                (au, key, Duration::from_secs_f64(i as f64 / 30.0))
+            .map(|(i, au)| {
+                let key = LiveCodec::H264.is_key_frame(au);
+                (au.to_vec(), key, Duration::from_secs_f64(i as f64 / 30.0))
             })
             .collect()
     }
@@ -377,6 +396,21 @@ mod tests {
         assert_eq!(*started.lock().unwrap(), Some((320, 240)));
         assert!(ring.arrived() >= 22);
         feed.finish(RingEnd::EndOfStream);
+    }
+
+    #[test]
+    fn access_units_split_at_delimiters_and_key_frames_are_recognised() {
+        let stream = [0, 0, 0, 1, 9, 0xf0, 0, 0, 0, 1, 0x67, 1, 0, 0, 1, 0x65, 2, 0, 0, 1, 9, 0xf0, 0, 0, 1, 0x41, 3];
+        let aus = split_access_units(&stream);
+        assert_eq!(aus.len(), 2);
+        assert_eq!(aus[0], &stream[..17]);
+        assert_eq!(aus[1], &stream[17..]);
+        assert!(LiveCodec::H264.is_key_frame(aus[0]));
+        assert!(!LiveCodec::H264.is_key_frame(aus[1]));
+        assert!(LiveCodec::Vp8.is_key_frame(&[0x10, 0, 0]));
+        assert!(!LiveCodec::Vp8.is_key_frame(&[0x11, 0, 0]));
+        assert!(LiveCodec::H265.is_key_frame(&[0, 0, 1, 0x40, 1])); // VPS
+        assert!(!LiveCodec::H265.is_key_frame(&[0, 0, 1, 0x02, 1])); // TRAIL_R
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl Resource {
     fn deliver(&self, codec: LiveCodec, data: Vec<u8>, rtp_ts: u64) {
         let mut guard = self.lock();
         let Some(sub) = guard.as_mut() else { return };
-        let key = is_key_frame(codec, &data);
+        let key = codec.is_key_frame(&data);
         let first = *sub.first_ts.get_or_insert(rtp_ts);
         let pts = Duration::from_micros(rtp_ts.saturating_sub(first) * 1_000_000 / 90_000);
         if !sub.feed.push(Encoded { codec, data, pts, key }) {
@@ -197,20 +197,6 @@ impl Resource {
         }
         if sub.feed.waiting_for_key() {
             self.want_key.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Whether decoding can start at this frame.
-fn is_key_frame(codec: LiveCodec, data: &[u8]) -> bool {
-    match codec {
-        // Annex B: an IDR slice (5) or a sequence parameter set (7) ahead of one.
-        LiveCodec::H264 => data.windows(4).any(|w| w[..3] == [0, 0, 1] && matches!(w[3] & 0x1f, 5 | 7)),
-        // The VP8 frame tag's lowest bit is 0 on key frames (RFC 6386 §9.1).
-        LiveCodec::Vp8 => data.first().is_some_and(|b| b & 1 == 0),
-        // IRAP pictures (16..=21) or parameter sets (32..=34).
-        LiveCodec::H265 => {
-            data.windows(4).any(|w| w[..3] == [0, 0, 1] && matches!((w[3] >> 1) & 0x3f, 16..=21 | 32..=34))
         }
     }
 }
@@ -557,14 +543,6 @@ mod tests {
         assert_eq!(c.extend(5), (1u64 << 32) + 5);
         // Reordering just after the wrap does not count as another wrap.
         assert_eq!(c.extend(3), (1u64 << 32) + 3);
-    }
-
-    #[test]
-    fn key_frames_are_recognised() {
-        assert!(is_key_frame(LiveCodec::H264, &[0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x65]));
-        assert!(!is_key_frame(LiveCodec::H264, &[0, 0, 0, 1, 0x41, 1, 2]));
-        assert!(is_key_frame(LiveCodec::Vp8, &[0x10, 0, 0]));
-        assert!(!is_key_frame(LiveCodec::Vp8, &[0x11, 0, 0]));
     }
 
     #[test]

@@ -8,20 +8,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use protocol::{ClientMessage, ErrorCode, GenerationSettings, RtspTransport, ServerMessage, Source, WindowSettings};
+use protocol::{ClientMessage, ErrorCode, RtspTransport, ServerMessage, Source};
 
 fn start_rtsp(url: String, transport: Option<RtspTransport>) -> ClientMessage {
     ClientMessage::Start {
         source: Source::Rtsp { url, transport },
         prompt: "What moves?".into(),
-        window: Some(WindowSettings {
-            seconds: Some(1.0),
-            stride_seconds: Some(1.0),
-            fps: Some(2.0),
-            min_pixels: Some(4096),
-            max_pixels: Some(16384),
-        }),
-        generation: Some(GenerationSettings { max_tokens: Some(4), temperature: Some(0.0), ..Default::default() }),
+        window: Some(small_windows()),
+        generation: Some(short_answers()),
     }
 }
 

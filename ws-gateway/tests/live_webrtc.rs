@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use protocol::{ClientMessage, ErrorCode, GenerationSettings, ServerMessage, Source, WindowSettings};
+use protocol::{ClientMessage, ErrorCode, ServerMessage, Source};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -36,12 +36,7 @@ fn h264_access_units() -> Vec<Vec<u8>> {
     assert!(status.success());
     let data = std::fs::read(&out).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    let mut starts: Vec<usize> = (0..data.len().saturating_sub(4))
-        .filter(|&i| data[i..i + 4] == [0, 0, 1, 9])
-        .map(|i| i.saturating_sub(1))
-        .collect();
-    starts.push(data.len());
-    starts.windows(2).map(|w| data[w[0]..w[1]].to_vec()).collect()
+    ingest::live::split_access_units(&data).into_iter().map(<[u8]>::to_vec).collect()
 }
 
 struct SenderEvents {
@@ -153,14 +148,8 @@ fn start_webrtc(resource: &str) -> ClientMessage {
     ClientMessage::Start {
         source: Source::Webrtc { resource: resource.into() },
         prompt: "What is on screen?".into(),
-        window: Some(WindowSettings {
-            seconds: Some(1.0),
-            stride_seconds: Some(1.0),
-            fps: Some(2.0),
-            min_pixels: Some(4096),
-            max_pixels: Some(16384),
-        }),
-        generation: Some(GenerationSettings { max_tokens: Some(4), temperature: Some(0.0), ..Default::default() }),
+        window: Some(small_windows()),
+        generation: Some(short_answers()),
     }
 }
 

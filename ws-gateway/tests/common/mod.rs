@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use protocol::{ClientMessage, ServerMessage};
+use protocol::{ClientMessage, GenerationSettings, ServerMessage, WindowSettings};
 use tokio_tungstenite::tungstenite::Message;
 use ws_gateway::server::{ServeConfig, serve};
 
@@ -129,4 +129,20 @@ impl Drop for RtspServer {
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One-second windows of two frames, small frames: quick on the tiny model.
+pub fn small_windows() -> WindowSettings {
+    WindowSettings {
+        seconds: Some(1.0),
+        stride_seconds: Some(1.0),
+        fps: Some(2.0),
+        min_pixels: Some(4096),
+        max_pixels: Some(16384),
+    }
+}
+
+/// Four greedy tokens per window.
+pub fn short_answers() -> GenerationSettings {
+    GenerationSettings { max_tokens: Some(4), temperature: Some(0.0), ..Default::default() }
 }

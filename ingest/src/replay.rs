@@ -143,13 +143,15 @@ fn run(
                 let first_pts = *first.get_or_insert(pts);
                 let t = offset + (pts - first_pts).max(0.0);
                 last_t = t;
+                // Every frame arrives at its own time, as from a camera (only admitted ones are
+                // converted).
+                if !pace(start + Duration::from_secs_f64(t / opts.speed), ring) {
+                    return Ok(RingEnd::Stopped);
+                }
                 ring.count_arrival();
                 let at = Duration::from_secs_f64(t);
                 if !admit(at) {
                     continue;
-                }
-                if !pace(start + Duration::from_secs_f64(t / opts.speed), ring) {
-                    return Ok(RingEnd::Stopped);
                 }
                 let (width, height) = (decoded.width(), decoded.height());
                 let rgb: Arc<[u8]> = converter.convert(&mut decoded, tb).map_err(err)?.into();

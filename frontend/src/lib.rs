@@ -179,6 +179,7 @@ enum Msg {
     Closed(String),
     DismissError,
     PlayClip,
+    PreviewTick,
     Noop,
 }
 
@@ -201,7 +202,10 @@ struct App {
     error: Option<Problem>,
     ended: Option<String>,
     video_slot: NodeRef,
+    video_el: Option<HtmlVideoElement>,
     file_input: NodeRef,
+    /// Bumped every second while a session runs: reloads the server-side preview.
+    preview_tick: u32,
 }
 
 impl App {
@@ -244,11 +248,10 @@ impl App {
     }
 
     /// The preview element. It lives outside the component's DOM (index.html) and is moved into
-    /// the slot after each render, so that a re-render never replaces a playing video.
-    fn video() -> Option<HtmlVideoElement> {
-        use wasm_bindgen::JsCast;
-        let v = web_sys::window()?.document()?.get_element_by_id("preview")?;
-        v.dyn_into::<HtmlVideoElement>().ok()
+    /// the slot after each render, so that a re-render never replaces a playing video. The handle
+    /// is kept: while no slot is shown the element is detached and cannot be found by id.
+    fn video(&self) -> Option<HtmlVideoElement> {
+        self.video_el.clone()
     }
 
     fn release_camera(&mut self, ctx: &Context<Self>) {
@@ -337,6 +340,11 @@ impl Component for App {
             error: None,
             ended: None,
             video_slot: NodeRef::default(),
+            video_el: web_sys::window()
+                .and_then(|w| w.document())
+                .and_then(|d| d.get_element_by_id("preview"))
+                .and_then(|v| wasm_bindgen::JsCast::dyn_into::<HtmlVideoElement>(v).ok()),
+            preview_tick: 0,
             file_input: NodeRef::default(),
         }
     }
@@ -370,7 +378,7 @@ impl Component for App {
             Msg::Tab(t) => {
                 if self.phase == Phase::Idle {
                     self.tab = t;
-                    if let Some(v) = Self::video() {
+                    if let Some(v) = self.video() {
                         v.set_src_object(None);
                         let src = if t == Tab::Upload { self.file_url.as_deref() } else { None };
                         v.set_src(src.unwrap_or(""));
@@ -406,7 +414,7 @@ impl Component for App {
                     let _ = web_sys::Url::revoke_object_url(&old);
                 }
                 self.file_url = self.file.as_ref().and_then(|f| web_sys::Url::create_object_url_with_blob(f).ok());
-                if let Some(v) = Self::video() {
+                if let Some(v) = self.video() {
                     v.set_src_object(None);
                     v.set_src(self.file_url.as_deref().unwrap_or(""));
                 }
@@ -466,7 +474,7 @@ impl Component for App {
             Msg::Camera(r) => {
                 match r {
                     Ok(cam) => {
-                        if let Some(v) = Self::video() {
+                        if let Some(v) = self.video() {
                             v.set_src_object(Some(&cam.stream));
                             v.set_muted(true);
                             let _ = v.play();
@@ -490,6 +498,10 @@ impl Component for App {
                     ServerMessage::Ready { session, model, source } => {
                         self.phase = Phase::Running;
                         self.session = Some((session, model, source));
+                        if matches!(self.tab, Tab::Rtsp | Tab::Url) {
+                            // The browser cannot play these: show the server's newest frame.
+                            ctx.link().send_message(Msg::PreviewTick);
+                        }
                         if self.tab == Tab::Upload {
                             // The clip plays in step with its replay (real time from now), once
                             // this render is done.
@@ -535,7 +547,7 @@ impl Component for App {
                         self.socket = None;
                         self.phase = Phase::Idle;
                         self.release_camera(ctx);
-                        if let Some(v) = Self::video() {
+                        if let Some(v) = self.video() {
                             let _ = v.pause();
                         }
                         if std::mem::take(&mut self.restart) {
@@ -546,8 +558,19 @@ impl Component for App {
                 true
             }
             Msg::Noop => false,
+            Msg::PreviewTick => {
+                if self.phase != Phase::Running {
+                    return false;
+                }
+                self.preview_tick = self.preview_tick.wrapping_add(1);
+                ctx.link().send_future(async {
+                    net::sleep(1000).await;
+                    Msg::PreviewTick
+                });
+                true
+            }
             Msg::PlayClip => {
-                if let Some(v) = Self::video() {
+                if let Some(v) = self.video() {
                     v.set_muted(true);
                     v.set_current_time(0.0);
                     let p = v.play();
@@ -581,7 +604,7 @@ impl Component for App {
     }
 
     fn rendered(&mut self, _ctx: &Context<Self>, _first: bool) {
-        if let (Some(slot), Some(v)) = (self.video_slot.get(), Self::video()) {
+        if let (Some(slot), Some(v)) = (self.video_slot.get(), self.video()) {
             let v: &web_sys::Node = v.as_ref();
             if v.parent_node().as_ref() != Some(&slot) {
                 let _ = slot.append_child(v);
@@ -760,7 +783,13 @@ impl Component for App {
                         {settings}
                     </section>
                     <section class="right">
-                                <div class="video-slot" ref={self.video_slot.clone()}></div>
+                                if let (true, Some((id, _, _))) = (matches!(self.tab, Tab::Rtsp | Tab::Url), &self.session) {
+                            <img id="server-preview" class="server-preview" alt="the newest frame the server analysed"
+                                src={format!("/v1/sessions/{id}/frame.jpg?n={}{}", self.preview_tick,
+                                    if self.form.api_key.is_empty() { String::new() } else { format!("&api_key={}", self.form.api_key) })} />
+                        } else {
+                            <div class="video-slot" ref={self.video_slot.clone()}></div>
+                        }
                         <div class="statusbar" id="status">
                             <span id="phase">{phase}</span>
                             if let Some(s) = source_line { <span id="source-info">{s}</span> }

@@ -188,6 +188,9 @@ async function main() {
     await settings(page);
     await page.click("#start");
     await waitTokens(page, "rtsp");
+    // The live view shows the server's newest frame of the camera.
+    await page.waitForFunction(() => (document.querySelector("#server-preview")?.naturalWidth ?? 0) === 640, null,
+      { timeout: 15000 });
     await page.screenshot({ path: join(artifacts, "rtsp.png"), fullPage: true });
     // Restart: the session ends and a new one starts on the same source.
     const before = (await page.textContent("#source-info")).split(" ")[0];

@@ -44,18 +44,36 @@ async fn h264_and_h265_cameras_stream_tokens_over_tcp_and_udp() {
     {
         let mut ws = connect(&server.base).await;
         send(&mut ws, &start_rtsp(format!("rtsp://127.0.0.1:{}/{path}", rtsp.port), transport)).await;
-        match recv(&mut ws).await {
-            ServerMessage::Ready { source, .. } => {
+        let session = match recv(&mut ws).await {
+            ServerMessage::Ready { source, session, .. } => {
                 assert_eq!((source.width, source.height), (640, 360), "{path}");
                 assert_eq!(source.codec, codec);
                 // The camera's own frame rate, from its parameter sets.
                 assert!((source.fps - 15.0).abs() < 0.01, "{path}: {} fps", source.fps);
+                session
             }
             other => panic!("{path}: {other:?}"),
-        }
+        };
         let mut seen = Vec::new();
         let (w0, text, tokens) = until_window_done(&mut ws, &mut seen).await;
         assert!(tokens > 0 && !text.is_empty(), "{path}: tokens arrive on the session");
+        // The live view: the newest frame as JPEG (640x360 in its SOF0 header).
+        let url = format!("http://{}/v1/sessions/{session}/frame.jpg", server.base);
+        let (ct, jpeg) = tokio::task::spawn_blocking(move || {
+            let r = ureq::get(&url).call().unwrap();
+            let ct = r.content_type().to_owned();
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+            (ct, body)
+        })
+        .await
+        .unwrap();
+        assert_eq!(ct, "image/jpeg");
+        assert_eq!(&jpeg[..2], [0xff, 0xd8]);
+        let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).expect("a baseline JPEG");
+        let (h, w) =
+            (u16::from_be_bytes([jpeg[sof + 5], jpeg[sof + 6]]), u16::from_be_bytes([jpeg[sof + 7], jpeg[sof + 8]]));
+        assert_eq!((w, h), (640, 360));
         let (w1, _, _) = until_window_done(&mut ws, &mut seen).await;
         assert!(w1 > w0);
         let windows: Vec<(f64, f64)> = seen
@@ -86,6 +104,15 @@ async fn h264_and_h265_cameras_stream_tokens_over_tcp_and_udp() {
                 break;
             }
         }
+        // An ended session has no live view.
+        let url = format!("http://{}/v1/sessions/{session}/frame.jpg", server.base);
+        let code = tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+            Err(ureq::Error::Status(c, _)) => c,
+            other => panic!("{other:?}"),
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 404);
     }
     drop(server);
 }

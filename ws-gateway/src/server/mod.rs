@@ -125,6 +125,8 @@ pub(crate) struct AppState {
     pub(crate) next_session: AtomicUsize,
     pub(crate) metrics: Metrics,
     pub(crate) whip: Arc<ingest::webrtc::Whip>,
+    /// Running sessions' progress (their newest frame for the live view).
+    pub(crate) previews: std::sync::Mutex<std::collections::HashMap<String, Arc<session::Progress>>>,
 }
 
 impl AppState {
@@ -285,6 +287,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/ws", get(session::ws))
+        .route("/v1/sessions/{id}/frame.jpg", get(session::frame_jpeg))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
@@ -313,6 +316,7 @@ pub async fn serve(
         next_session: AtomicUsize::new(1),
         metrics: Metrics::default(),
         whip: ingest::webrtc::Whip::new(config.webrtc.clone()),
+        previews: Default::default(),
     });
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();

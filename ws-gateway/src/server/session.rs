@@ -29,6 +29,48 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{ApiFailure, AppState, sources};
 
+/// `GET /v1/sessions/{id}/frame.jpg`: the newest frame of a running session, as JPEG (the live
+/// view of sources a browser cannot play itself, such as RTSP cameras).
+pub(crate) async fn frame_jpeg(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<super::KeyQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = super::authorized_or_query(&state, &headers, &q) {
+        return e.into_response();
+    }
+    let progress = state.previews.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    let Some(frame) = progress.and_then(|p| p.latest()) else {
+        return ApiFailure::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest,
+            format!("no frame of session {id:?} yet"),
+        )
+        .into_response();
+    };
+    let encoded = tokio::task::spawn_blocking(move || {
+        let (w, h) = (u16::try_from(frame.width), u16::try_from(frame.height));
+        let (Ok(w), Ok(h)) = (w, h) else { return Err("the frame is too large for JPEG".to_owned()) };
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, 80)
+            .encode(&frame.rgb, w, h, jpeg_encoder::ColorType::Rgb)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(jpeg)) => {
+            ([(axum::http::header::CONTENT_TYPE, "image/jpeg"), (axum::http::header::CACHE_CONTROL, "no-store")], jpeg)
+                .into_response()
+        }
+        Ok(Err(e)) => ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e).into_response(),
+        Err(e) => {
+            ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()).into_response()
+        }
+    }
+}
+
 /// How long a client may leave messages unread before its session is ended.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,10 +145,28 @@ impl Mailbox {
 
 /// Counters the status messages report.
 #[derive(Default)]
-struct Progress {
+pub(crate) struct Progress {
     missed: AtomicU64,
     last_frame_ms: AtomicU64,
     last_window_end_ms: AtomicU64,
+    /// The newest frame read from the ring (the live preview).
+    latest: Mutex<Option<ingest::Frame>>,
+}
+
+impl Progress {
+    /// The newest frame the session has seen.
+    pub(crate) fn latest(&self) -> Option<ingest::Frame> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Removes a session's preview from the registry when the session ends.
+struct Registered<'a>(&'a AppState, &'a str);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.previews.lock().unwrap_or_else(|e| e.into_inner()).remove(self.1);
+    }
 }
 
 fn policy(w: &Option<WindowSettings>) -> WindowPolicy {
@@ -304,6 +364,8 @@ async fn drive(
     let shape = windower.shape();
     let mailbox = Arc::new(Mailbox::default());
     let progress = Arc::new(Progress::default());
+    state.previews.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), progress.clone());
+    let _registered = Registered(state, session);
     spawn_window_thread(session, ring.clone(), shape, mailbox.clone(), progress.clone());
     let model = engine.info().model.clone();
     let ready = ServerMessage::Ready { session: session.to_owned(), model, source: info };
@@ -492,6 +554,7 @@ fn spawn_window_thread(
                     progress.missed.fetch_add(missed, Ordering::Relaxed);
                     let t = frame.pts.as_secs_f64();
                     progress.last_frame_ms.store((t * 1000.0) as u64, Ordering::Relaxed);
+                    *progress.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(frame.clone());
                     let mut out = Vec::new();
                     if let Err(e) =
                         resizer.resize_rgb(&frame.rgb, frame.width, frame.height, shape.width, shape.height, &mut out)

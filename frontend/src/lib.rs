@@ -12,7 +12,7 @@ mod net;
 
 use protocol::{
     ClientMessage, ErrorCode, GenerationSettings, Health, HealthStatus, RtspTransport, ServerMessage, Source,
-    SourceInfo, Timings, Usage, WindowSettings,
+    SourceInfo, Timings, Usage, WhipResource, WindowSettings,
 };
 use wasm_bindgen::prelude::*;
 use web_sys::{HtmlInputElement, HtmlVideoElement};
@@ -22,6 +22,7 @@ use yew::prelude::*;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Tab {
     Camera,
+    Whip,
     Rtsp,
     Upload,
     Url,
@@ -31,6 +32,7 @@ impl Tab {
     fn label(self) -> &'static str {
         match self {
             Tab::Camera => "Camera",
+            Tab::Whip => "WebRTC",
             Tab::Rtsp => "RTSP",
             Tab::Upload => "Upload",
             Tab::Url => "URL",
@@ -180,6 +182,9 @@ enum Msg {
     DismissError,
     PlayClip,
     PreviewTick,
+    ListStreams,
+    Streams(Result<Vec<WhipResource>, String>),
+    ChooseStream(String),
     Noop,
 }
 
@@ -206,6 +211,9 @@ struct App {
     file_input: NodeRef,
     /// Bumped every second while a session runs: reloads the server-side preview.
     preview_tick: u32,
+    /// Streams published over WHIP (by OBS, GStreamer, another browser), and the chosen one.
+    streams: Result<Vec<WhipResource>, String>,
+    stream: Option<String>,
 }
 
 impl App {
@@ -247,6 +255,11 @@ impl App {
         }
     }
 
+    /// Shows the server's newest frame instead of the local video (sources the browser cannot play).
+    fn server_view(&self) -> bool {
+        matches!(self.tab, Tab::Rtsp | Tab::Url | Tab::Whip)
+    }
+
     /// The preview element. It lives outside the component's DOM (index.html) and is moved into
     /// the slot after each render, so that a re-render never replaces a playing video. The handle
     /// is kept: while no slot is shown the element is detached and cannot be found by id.
@@ -275,6 +288,15 @@ impl App {
                 self.phase = Phase::Preparing;
                 let key = self.form.api_key.clone();
                 ctx.link().send_future(async move { Msg::Camera(net::publish_camera(&key).await) });
+            }
+            Tab::Whip => {
+                let Some(resource) = self.stream.clone() else {
+                    return self.fail(
+                        "No WebRTC stream is chosen.".into(),
+                        "Publish one to this server's WHIP endpoint (/v1/whip, e.g. from OBS), then Refresh.",
+                    );
+                };
+                self.open_session(ctx, Source::Webrtc { resource });
             }
             Tab::Rtsp => {
                 let url = self.form.rtsp_url.trim().to_owned();
@@ -345,6 +367,8 @@ impl Component for App {
                 .and_then(|d| d.get_element_by_id("preview"))
                 .and_then(|v| wasm_bindgen::JsCast::dyn_into::<HtmlVideoElement>(v).ok()),
             preview_tick: 0,
+            streams: Ok(Vec::new()),
+            stream: None,
             file_input: NodeRef::default(),
         }
     }
@@ -378,6 +402,9 @@ impl Component for App {
             Msg::Tab(t) => {
                 if self.phase == Phase::Idle {
                     self.tab = t;
+                    if t == Tab::Whip {
+                        ctx.link().send_message(Msg::ListStreams);
+                    }
                     if let Some(v) = self.video() {
                         v.set_src_object(None);
                         let src = if t == Tab::Upload { self.file_url.as_deref() } else { None };
@@ -498,7 +525,7 @@ impl Component for App {
                     ServerMessage::Ready { session, model, source } => {
                         self.phase = Phase::Running;
                         self.session = Some((session, model, source));
-                        if matches!(self.tab, Tab::Rtsp | Tab::Url) {
+                        if self.server_view() {
                             // The browser cannot play these: show the server's newest frame.
                             ctx.link().send_message(Msg::PreviewTick);
                         }
@@ -558,6 +585,25 @@ impl Component for App {
                 true
             }
             Msg::Noop => false,
+            Msg::ListStreams => {
+                let key = self.form.api_key.clone();
+                ctx.link().send_future(async move { Msg::Streams(net::get_json("/v1/whip", &key).await) });
+                false
+            }
+            Msg::Streams(r) => {
+                if let Ok(list) = &r {
+                    let still_there = self.stream.as_ref().is_some_and(|s| list.iter().any(|r| &r.id == s));
+                    if !still_there {
+                        self.stream = list.iter().find(|r| !r.watched).map(|r| r.id.clone());
+                    }
+                }
+                self.streams = r;
+                true
+            }
+            Msg::ChooseStream(id) => {
+                self.stream = Some(id);
+                true
+            }
             Msg::PreviewTick => {
                 if self.phase != Phase::Running {
                     return false;
@@ -644,7 +690,7 @@ impl Component for App {
                 html! { <div class="health"><span class="badge loading" id="health">{"connecting…"}</span></div> }
             }
         };
-        let tabs = [Tab::Camera, Tab::Rtsp, Tab::Upload, Tab::Url].into_iter().map(|t| {
+        let tabs = [Tab::Camera, Tab::Whip, Tab::Rtsp, Tab::Upload, Tab::Url].into_iter().map(|t| {
             let class = if t == self.tab { "tab active" } else { "tab" };
             html! {
                 <button class={class} id={format!("tab-{}", t.label().to_lowercase())} disabled={!idle && t != self.tab}
@@ -655,6 +701,37 @@ impl Component for App {
             Tab::Camera => html! {
                 <p class="help">{"Publishes this browser's camera to the server over WebRTC (WHIP) and analyses it live."}</p>
             },
+            Tab::Whip => {
+                let chosen = self.stream.clone().unwrap_or_default();
+                let options = match &self.streams {
+                    Ok(list) if list.is_empty() => html! { <option value="">{"no stream published yet"}</option> },
+                    Ok(list) => list
+                        .iter()
+                        .map(|r| {
+                            let label = format!(
+                                "{} · {} · {}{}",
+                                r.id,
+                                r.codec.as_deref().unwrap_or("no video yet"),
+                                if r.connected { "connected" } else { "connecting" },
+                                if r.watched { " · watched" } else { "" }
+                            );
+                            html! { <option value={r.id.clone()} selected={r.id == chosen}>{label}</option> }
+                        })
+                        .collect::<Html>(),
+                    Err(e) => html! { <option value="">{format!("cannot list streams: {e}")}</option> },
+                };
+                html! {
+                    <>
+                        <p class="help">{"Analyse a stream published to "}<code>{"/v1/whip"}</code>{" by OBS, GStreamer or another browser."}</p>
+                        <label>{"Stream"}
+                            <select id="whip-stream" onchange={link.callback(|e: Event| Msg::ChooseStream(e.target_unchecked_into::<web_sys::HtmlSelectElement>().value()))}>
+                                {options}
+                            </select>
+                        </label>
+                        <button id="whip-refresh" onclick={link.callback(|_| Msg::ListStreams)}>{"Refresh"}</button>
+                    </>
+                }
+            }
             Tab::Rtsp => html! {
                 <>
                     <label>{"Camera URL"}
@@ -783,7 +860,7 @@ impl Component for App {
                         {settings}
                     </section>
                     <section class="right">
-                                if let (true, Some((id, _, _))) = (matches!(self.tab, Tab::Rtsp | Tab::Url), &self.session) {
+                                if let (true, Some((id, _, _))) = (self.server_view(), &self.session) {
                             <img id="server-preview" class="server-preview" alt="the newest frame the server analysed"
                                 src={format!("/v1/sessions/{id}/frame.jpg?n={}{}", self.preview_tick,
                                     if self.form.api_key.is_empty() { String::new() } else { format!("&api_key={}", self.form.api_key) })} />

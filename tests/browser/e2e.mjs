@@ -179,6 +179,47 @@ async function main() {
     console.log(`     camera: ${info}; ${fps}`);
   });
 
+  await test("a stream published over WHIP by another sender is listed, chosen and analysed", async () => {
+    // Another sender (as OBS would): a second page publishes the fake camera with plain WHIP.
+    const sender = await context.newPage();
+    await sender.goto(base + "/docs");
+    const location = await sender.evaluate(async () => {
+      const stream = await navigator.mediaDevices.getUserMedia({ video: true });
+      const pc = new RTCPeerConnection();
+      pc.addTransceiver(stream.getVideoTracks()[0], { direction: "sendonly" });
+      await pc.setLocalDescription(await pc.createOffer());
+      await new Promise((done) => {
+        if (pc.iceGatheringState === "complete") done();
+        pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
+        setTimeout(done, 3000);
+      });
+      const r = await fetch("/v1/whip", { method: "POST", headers: { "Content-Type": "application/sdp" },
+        body: pc.localDescription.sdp });
+      if (r.status !== 201) throw new Error(`WHIP answered ${r.status}: ${await r.text()}`);
+      await pc.setRemoteDescription({ type: "answer", sdp: await r.text() });
+      window.__pc = pc;
+      return r.headers.get("Location");
+    });
+    const id = location.split("/").pop();
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#tab-webrtc");
+    await page.click("#whip-refresh");
+    await page.waitForSelector(`#whip-stream option[value="${id}"]`, { state: "attached", timeout: 10000 });
+    await page.selectOption("#whip-stream", id);
+    await settings(page);
+    await page.click("#start");
+    await waitTokens(page, "webrtc");
+    await page.waitForFunction(() => (document.querySelector("#server-preview")?.naturalWidth ?? 0) > 0, null,
+      { timeout: 15000 });
+    await page.screenshot({ path: join(artifacts, "webrtc.png"), fullPage: true });
+    // The sender ends the stream: the session ends with it.
+    await sender.evaluate(async (loc) => { await fetch(loc, { method: "DELETE" }); window.__pc.close(); }, location);
+    await page.waitForFunction(() => (document.querySelector("#phase")?.textContent ?? "").includes("end of stream"),
+      null, { timeout: 30000 });
+    await sender.close();
+  });
+
   await test("watch an RTSP camera (GStreamer's RTSP server)", async () => {
     const url = await startRtsp();
     await page.reload();

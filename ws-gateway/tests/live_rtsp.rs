@@ -44,6 +44,8 @@ async fn h264_and_h265_cameras_stream_tokens_over_tcp_and_udp() {
     {
         let mut ws = connect(&server.base).await;
         send(&mut ws, &start_rtsp(format!("rtsp://127.0.0.1:{}/{path}", rtsp.port), transport)).await;
+        // A new prompt while the camera connects is kept (it is not an error).
+        send(&mut ws, &ClientMessage::Prompt { text: "What moves?".into() }).await;
         let session = match recv(&mut ws).await {
             ServerMessage::Ready { source, session, .. } => {
                 assert_eq!((source.width, source.height), (640, 360), "{path}");

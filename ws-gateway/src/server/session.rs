@@ -334,16 +334,20 @@ async fn drive(
         }
     };
     // A live source says its frame size with its first frame.
+    // Meanwhile a new prompt is kept and `stop` ends the session.
     if let Some(events) = opened.events.as_mut() {
-        let started = tokio::select! {
-            biased;
-            _ = shutdown.changed() => return "the server is shutting down".into(),
-            m = next_client(incoming) => match m {
-                Incoming::Msg(ClientMessage::Stop {}) => return "stopped by the client".into(),
-                Incoming::Closed => return "the client closed the connection".into(),
-                _ => Err("send nothing but stop before the session is ready".to_owned()),
-            },
-            r = sources::first_frame(events, &ring, state.config.live.first_frame_timeout) => r,
+        let first = sources::first_frame(events, &ring, state.config.live.first_frame_timeout);
+        tokio::pin!(first);
+        let started = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return "the server is shutting down".into(),
+                m = next_client(incoming) => match on_client(m, &mut prompt, out).await {
+                    Ok(None) => {}
+                    Ok(Some(reason)) | Err(reason) => return reason,
+                },
+                r = &mut first => break r,
+            }
         };
         match started {
             Ok(info) => opened.info = info,

@@ -59,7 +59,8 @@ async function startLookout(model = join(root, "fixtures/models/tiny-tied")) {
   const c = spawn(bin, ["serve", "--model", model, "--port", "0",
     "--data-dir", join(work, "data")], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
   children.push(c);
-  const m = await waitForLine(c, /listening on (http:\/\/[0-9.:]+)/, "lookout serve");
+  // Up to the end of the line: output may arrive in pieces, mid-port.
+  const m = await waitForLine(c, /listening on (http:\/\/[0-9.:]+)\r?\n/, "lookout serve");
   return m[1];
 }
 

@@ -46,10 +46,12 @@ pub(crate) async fn print_session(ws: &mut Ws) -> Result<(), Box<dyn std::error:
                 eprintln!("source back; no frames from {from_s:.2} to {to_s:.2} s")
             }
             ServerMessage::Error { code, message, fatal } => eprintln!("error ({code:?}, fatal {fatal}): {message}"),
-            ServerMessage::Ended { reason } => {
-                println!("ended: {reason}");
+            ServerMessage::Ended { reason, message } => {
+                println!("ended ({reason}): {message}");
                 break;
             }
+            ServerMessage::Subscribed { watch, prompt, .. } => println!("following watch {watch}: {prompt}"),
+            ServerMessage::Lagged { missed } => eprintln!("fell behind: {missed} events skipped"),
         }
         out.flush()?;
     }

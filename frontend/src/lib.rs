@@ -569,8 +569,12 @@ impl Component for App {
                             self.status.notice = Some(message);
                         }
                     }
-                    ServerMessage::Ended { reason } => {
-                        self.ended = Some(reason);
+                    ServerMessage::Subscribed { .. } => self.phase = Phase::Running,
+                    ServerMessage::Lagged { missed } => {
+                        self.status.notice = Some(format!("This page fell behind; {missed} events were skipped"));
+                    }
+                    ServerMessage::Ended { message, .. } => {
+                        self.ended = Some(message);
                         self.socket = None;
                         self.phase = Phase::Idle;
                         self.release_camera(ctx);

@@ -48,9 +48,23 @@ fn run(url: &str, seconds: f64, convert_every: Option<f64>, ticks: f64) {
             }
         }
     });
-    let feed = LiveFeed::start("bench", ring.clone(), admit, events, FeedOptions::default()).unwrap();
+    let feed = LiveFeed::start(
+        "bench",
+        ring.clone(),
+        admit,
+        events,
+        FeedOptions::default(),
+        base::shutdown::Receiver::never(),
+    )
+    .unwrap();
     let camera = CameraUrl::parse(url).unwrap();
-    rt.spawn(ingest::rtsp::run(camera, RtspOptions::default(), feed, Arc::new(|_| {})));
+    rt.spawn(ingest::rtsp::run(
+        camera,
+        RtspOptions::default(),
+        feed,
+        Arc::new(|_| {}),
+        base::shutdown::Receiver::never(),
+    ));
     // Warm up: wait for the first frame, then measure.
     let consumer = std::thread::spawn(move || {
         let mut converted = 0u64;

@@ -155,13 +155,16 @@ impl Default for FeedOptions {
 }
 
 impl LiveFeed {
-    /// Starts a decoder thread that feeds `ring` with the frames `admit` accepts.
+    /// Starts a decoder thread that feeds `ring` with the frames `admit` accepts. The thread
+    /// runs until this feed is dropped or finished (or the ring closes), holding `stop` (its
+    /// pipeline's join waits for it).
     pub fn start(
         name: &str,
         ring: Arc<FrameRing>,
         admit: Admit,
         events: EventSink,
         opts: FeedOptions,
+        stop: base::shutdown::Receiver,
     ) -> std::io::Result<LiveFeed> {
         crate::init();
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue.max(1));
@@ -173,6 +176,7 @@ impl LiveFeed {
             if let Err(e) = end {
                 thread_ring.close(RingEnd::Failed(e));
             }
+            drop(stop);
         })?;
         Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true, nominal_fps })
     }
@@ -376,7 +380,15 @@ mod tests {
             n += 1;
             (n - 1) % 2 == 0
         });
-        let mut feed = LiveFeed::start("test", ring.clone(), admit, events, FeedOptions::default()).unwrap();
+        let mut feed = LiveFeed::start(
+            "test",
+            ring.clone(),
+            admit,
+            events,
+            FeedOptions::default(),
+            base::shutdown::Receiver::never(),
+        )
+        .unwrap();
         for (data, key, pts) in frames {
             assert!(feed.push(Encoded { codec: LiveCodec::H264, data, pts, key }));
             std::thread::sleep(Duration::from_millis(2));
@@ -418,7 +430,15 @@ mod tests {
         let frames = annexb_frames();
         let ring = FrameRing::new(4);
         let opts = FeedOptions { queue: 2, nominal_fps: 30.0 };
-        let mut feed = LiveFeed::start("test", ring.clone(), Box::new(|_| true), Arc::new(|_| {}), opts).unwrap();
+        let mut feed = LiveFeed::start(
+            "test",
+            ring.clone(),
+            Box::new(|_| true),
+            Arc::new(|_| {}),
+            opts,
+            base::shutdown::Receiver::never(),
+        )
+        .unwrap();
         // A burst far faster than real time into a two-frame queue, nobody reading the ring.
         let started = std::time::Instant::now();
         for _ in 0..3 {
@@ -448,9 +468,15 @@ mod tests {
     fn frames_before_a_key_frame_are_dropped_and_counted() {
         let frames = annexb_frames();
         let ring = FrameRing::new(8);
-        let mut feed =
-            LiveFeed::start("test", ring.clone(), Box::new(|_| true), Arc::new(|_| {}), FeedOptions::default())
-                .unwrap();
+        let mut feed = LiveFeed::start(
+            "test",
+            ring.clone(),
+            Box::new(|_| true),
+            Arc::new(|_| {}),
+            FeedOptions::default(),
+            base::shutdown::Receiver::never(),
+        )
+        .unwrap();
         // Skip the key frame: nothing can be decoded until the next one.
         for (data, key, pts) in frames.into_iter().skip(1).take(5) {
             assert!(!key);

@@ -1,11 +1,15 @@
 //! Replaying a file as a live stream: frames are paced by their own timestamps (times a speed
 //! factor), optionally looped, and pushed into a [`FrameRing`] from a dedicated thread. Only the
-//! frames the caller admits (its sampling cadence) are converted to RGB.
+//! frames the caller admits (its sampling cadence) are converted to RGB. The thread stops at the
+//! end of the clip, when the ring is closed, or at once on its pipeline's shutdown signal (it
+//! paces by waiting on that signal, so a stopped replay never sleeps on).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use base::shutdown;
 
 use ff::util::frame::video::Video as VideoFrame;
 use ffmpeg_next as ff;
@@ -33,7 +37,8 @@ impl Default for ReplayOptions {
 /// Decides, from a frame's stream time, whether it is wanted.
 pub type Admit = Box<dyn FnMut(Duration) -> bool + Send>;
 
-/// A running replay. Dropping it does not stop it: close the ring (or let it end).
+/// A running replay. Dropping it does not stop it: signal its shutdown, close the ring, or let
+/// it end.
 #[derive(Debug)]
 pub struct Replay {
     /// The clip's facts.
@@ -42,8 +47,15 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Starts replaying `path` into `ring`.
-    pub fn start(path: &Path, opts: ReplayOptions, ring: Arc<FrameRing>, admit: Admit) -> Result<Self, IngestError> {
+    /// Starts replaying `path` into `ring` until `stop` is signalled. The thread holds `stop`
+    /// while it runs (its pipeline's join waits for it).
+    pub fn start(
+        path: &Path,
+        opts: ReplayOptions,
+        ring: Arc<FrameRing>,
+        admit: Admit,
+        stop: shutdown::Receiver,
+    ) -> Result<Self, IngestError> {
         let source = FileSource::open(path)?;
         if !(opts.speed.is_finite() && opts.speed > 0.0 && opts.speed <= 100.0) {
             return Err(IngestError::Decode {
@@ -57,7 +69,7 @@ impl Replay {
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let end = match run(&path, source.info(), opts, &ring, admit) {
+                let end = match run(&path, source.info(), opts, &ring, admit, &stop) {
                     Ok(end) => end,
                     Err(e) => RingEnd::Failed(e.to_string()),
                 };
@@ -73,18 +85,10 @@ impl Replay {
     }
 }
 
-/// Sleeps until `deadline`, waking early if the ring closes.
-fn pace(deadline: Instant, ring: &FrameRing) -> bool {
-    loop {
-        if ring.is_closed() {
-            return false;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return true;
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
-    }
+/// Sleeps until `deadline`; false if the replay should stop instead (shutdown, or the reader
+/// closed the ring).
+fn pace(deadline: Instant, ring: &FrameRing, stop: &shutdown::Receiver) -> bool {
+    stop.wait_until(deadline) && !ring.is_closed()
 }
 
 fn run(
@@ -93,6 +97,7 @@ fn run(
     opts: ReplayOptions,
     ring: &FrameRing,
     mut admit: Admit,
+    stop: &shutdown::Receiver,
 ) -> Result<RingEnd, IngestError> {
     let err = |reason: String| IngestError::Decode { path: path.to_owned(), reason };
     let start = Instant::now();
@@ -145,7 +150,7 @@ fn run(
                 last_t = t;
                 // Every frame arrives at its own time, as from a camera (only admitted ones are
                 // converted).
-                if !pace(start + Duration::from_secs_f64(t / opts.speed), ring) {
+                if !pace(start + Duration::from_secs_f64(t / opts.speed), ring, stop) {
                     return Ok(RingEnd::Stopped);
                 }
                 ring.count_arrival();
@@ -194,7 +199,14 @@ mod tests {
             n += 1;
             (n - 1) % 3 == 0
         });
-        let replay = Replay::start(&clip(), ReplayOptions { speed: 2.0, looped: false }, ring.clone(), admit).unwrap();
+        let replay = Replay::start(
+            &clip(),
+            ReplayOptions { speed: 2.0, looped: false },
+            ring.clone(),
+            admit,
+            shutdown::Receiver::never(),
+        )
+        .unwrap();
         assert_eq!(replay.info.frame_count, 24);
         let mut times = Vec::new();
         loop {
@@ -217,11 +229,13 @@ mod tests {
     }
 
     #[test]
-    fn loops_continue_the_clock_and_stop_when_closed() {
+    fn loops_continue_the_clock_and_stop_on_shutdown() {
         let ring = FrameRing::new(8);
         let mut reader = ring.reader();
         let admit: Admit = Box::new(|_| true);
-        let _replay = Replay::start(&clip(), ReplayOptions { speed: 20.0, looped: true }, ring.clone(), admit).unwrap();
+        let (stop, rx) = shutdown::channel();
+        let _replay =
+            Replay::start(&clip(), ReplayOptions { speed: 20.0, looped: true }, ring.clone(), admit, rx).unwrap();
         let mut last = -1.0;
         let mut count = 0;
         while count < 60 {
@@ -233,14 +247,29 @@ mod tests {
             }
         }
         assert!(last > 1.5, "two loops of a 0.8 s clip: {last}");
-        ring.close(RingEnd::Stopped);
+        // The shutdown signal stops it: the ring closes as stopped, and the join returns.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), stop.join()).await }).unwrap();
+        loop {
+            match reader.next(Duration::from_secs(5)) {
+                Read::Frame { .. } => {}
+                Read::Closed(end) => break assert_eq!(end, RingEnd::Stopped),
+                Read::Timeout => panic!("the ring was not closed"),
+            }
+        }
     }
 
     #[test]
     fn bad_speed_is_an_error() {
         let ring = FrameRing::new(2);
-        let e =
-            Replay::start(&clip(), ReplayOptions { speed: 0.0, looped: false }, ring, Box::new(|_| true)).unwrap_err();
+        let e = Replay::start(
+            &clip(),
+            ReplayOptions { speed: 0.0, looped: false },
+            ring,
+            Box::new(|_| true),
+            shutdown::Receiver::never(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("speed"), "{e}");
     }
 }

@@ -156,6 +156,21 @@ impl FrameRing {
     }
 }
 
+/// Pops the next frame a reader at `next` has not seen, with how many it missed before it.
+fn take(s: &mut State, next: &mut u64) -> Option<(Frame, u64)> {
+    while let Some((seq, _)) = s.rb.first() {
+        if *seq < *next {
+            s.rb.try_pop();
+        } else {
+            break;
+        }
+    }
+    let (seq, frame) = s.rb.try_pop()?;
+    let missed = seq - *next;
+    *next = seq + 1;
+    Some((frame, missed))
+}
+
 /// Reads a ring in order.
 #[derive(Debug)]
 pub struct RingReader {
@@ -164,20 +179,26 @@ pub struct RingReader {
 }
 
 impl RingReader {
+    /// The next frame, or the ring's end once it is closed and drained; waits as long as it
+    /// takes (a closed ring wakes it).
+    pub fn recv(&mut self) -> Result<(Frame, u64), RingEnd> {
+        let mut s = self.ring.lock();
+        loop {
+            if let Some(read) = take(&mut s, &mut self.next) {
+                return Ok(read);
+            }
+            if let Some(end) = &s.end {
+                return Err(end.clone());
+            }
+            s = self.ring.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// The next frame, waiting at most `timeout`.
     pub fn next(&mut self, timeout: Duration) -> Read {
         let mut s = self.ring.lock();
         loop {
-            while let Some((seq, _)) = s.rb.first() {
-                if *seq < self.next {
-                    s.rb.try_pop();
-                } else {
-                    break;
-                }
-            }
-            if let Some((seq, frame)) = s.rb.try_pop() {
-                let missed = seq - self.next;
-                self.next = seq + 1;
+            if let Some((frame, missed)) = take(&mut s, &mut self.next) {
                 return Read::Frame { frame, missed };
             }
             if let Some(end) = &s.end {
@@ -233,6 +254,14 @@ mod tests {
             producer.push(frame(0));
         });
         assert!(matches!(r.next(Duration::from_secs(5)), Read::Frame { .. }));
+        t.join().unwrap();
+        // `recv` waits without a timeout: a close from another thread wakes it.
+        let closer = ring.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            closer.close(RingEnd::Stopped);
+        });
+        assert_eq!(r.recv().unwrap_err(), RingEnd::Stopped);
         t.join().unwrap();
     }
 }

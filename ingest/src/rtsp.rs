@@ -6,9 +6,13 @@
 //! connection). When the camera drops, the source reconnects with exponential backoff; stream
 //! time continues across the gap by the wall-clock time the gap lasted, and the gap is reported as
 //! [`SourceEvent::Reconnecting`] then [`SourceEvent::Resumed`].
+//!
+//! The source stops at once on its pipeline's shutdown signal, whatever it is waiting for (the
+//! camera's answer, the next frame, the next attempt).
 
 use std::time::{Duration, Instant};
 
+use base::shutdown;
 use futures_util::StreamExt;
 use retina::client::{Credentials, PlayOptions, SessionOptions, SetupOptions, TcpTransportOptions, Transport};
 use retina::codec::{CodecItem, FrameFormat};
@@ -110,17 +114,28 @@ impl CameraUrl {
     }
 }
 
-/// Runs an RTSP source until the feed's ring closes, the camera ends the stream for good, or the
-/// first connection fails (a wrong address or password should be reported, not retried). Expects
-/// to be called on a tokio runtime (network I/O only; decoding is on the feed's thread).
-pub async fn run(camera: CameraUrl, opts: RtspOptions, mut feed: LiveFeed, events: EventSink) {
+/// Runs an RTSP source until `stop` is signalled, the feed's ring closes, the camera ends the
+/// stream for good, or the first connection fails (a wrong address or password should be
+/// reported, not retried). Expects to be called on a tokio runtime (network I/O only; decoding is
+/// on the feed's thread). Holds `stop` while it runs.
+pub async fn run(
+    camera: CameraUrl,
+    opts: RtspOptions,
+    mut feed: LiveFeed,
+    events: EventSink,
+    stop: shutdown::Receiver,
+) {
     let mut base = Duration::ZERO; // stream time at the start of the current connection
     let mut last: Option<(Duration, Instant)> = None; // last frame's stream time and arrival
     let mut attempt = 0u32;
     let mut backoff = opts.backoff_initial;
     let mut connected_once = false;
     loop {
-        let outcome = connection(&camera, &opts, &mut feed, &events, &mut base, &mut last, &mut connected_once).await;
+        let outcome = tokio::select! {
+            biased;
+            _ = stop.cancelled() => Conn::Closed,
+            c = connection(&camera, &opts, &mut feed, &events, &mut base, &mut last, &mut connected_once) => c,
+        };
         let error = match outcome {
             Conn::Closed => return,
             Conn::Lost { error, delivered } => {
@@ -142,12 +157,13 @@ pub async fn run(camera: CameraUrl, opts: RtspOptions, mut feed: LiveFeed, event
         }
         tracing::warn!(camera = camera.redacted(), attempt, %error, retry_in_ms = backoff.as_millis() as u64, "RTSP connection lost");
         events(SourceEvent::Reconnecting { attempt, error, retry_in: backoff });
-        let wake = Instant::now() + backoff;
-        while Instant::now() < wake {
-            if feed.is_closed() {
-                return;
-            }
-            tokio::time::sleep((wake - Instant::now()).min(Duration::from_millis(100))).await;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        if feed.is_closed() {
+            return;
         }
         backoff = (backoff * 2).min(opts.backoff_max);
     }
@@ -221,27 +237,18 @@ async fn connection(
     };
     *connected_once = true;
     let mut delivered = false;
-    let mut waited = Duration::ZERO;
-    let poll = Duration::from_millis(250);
     feed.resync();
     loop {
         if feed.is_closed() {
             return Conn::Closed;
         }
         let limit = if delivered { opts.stall_timeout } else { opts.connect_timeout.max(opts.stall_timeout) };
-        let item = match tokio::time::timeout(poll, demuxed.next()).await {
-            Err(_) => {
-                waited += poll;
-                if waited >= limit {
-                    return Conn::Lost { error: format!("no video from the camera for {limit:?}"), delivered };
-                }
-                continue;
-            }
+        let item = match tokio::time::timeout(limit, demuxed.next()).await {
+            Err(_) => return Conn::Lost { error: format!("no video from the camera for {limit:?}"), delivered },
             Ok(None) => return Conn::Lost { error: "the camera ended the stream".into(), delivered },
             Ok(Some(Err(e))) => return Conn::Lost { error: e.to_string(), delivered },
             Ok(Some(Ok(item))) => item,
         };
-        waited = Duration::ZERO;
         let CodecItem::VideoFrame(frame) = item else { continue };
         if frame.stream_id() != index {
             continue;

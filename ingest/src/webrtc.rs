@@ -1,13 +1,14 @@
 //! WebRTC ingest with webrtc-rs (the 0.2x line, on its sans-I/O core): the WHIP resource
 //! lifecycle (RFC 9725) without HTTP. The server maps `POST /v1/whip` to [`Whip::publish`],
-//! `DELETE` to [`Whip::delete`], and a session's `{kind: "webrtc", resource}` to [`Whip::attach`].
+//! `DELETE` to [`Whip::delete`], and a watch's `{kind: "webrtc", resource}` to [`Whip::attach`].
 //!
 //! A resource is a receive-only peer connection for H.264 or VP8 video. The answer carries every
-//! ICE candidate (no trickle). Once a session attaches, the track's RTP is reassembled into frames
-//! (webrtc-rs' sample builder, tolerating reordering and loss), stamped with stream time from the
-//! RTP clock (90 kHz, counted from the first frame the session sees) and handed to the session's
-//! [`LiveFeed`]. A key frame is requested (PLI) when a session attaches and whenever the decoder
-//! waits for one. Network I/O runs on the tokio runtime; decoding runs on the feed's thread.
+//! ICE candidate (no trickle). Any number of watches may attach to one resource: the track's RTP
+//! is reassembled into frames once (webrtc-rs' sample builder, tolerating reordering and loss),
+//! and each frame is handed to every attached watch's [`LiveFeed`], stamped with stream time from
+//! the RTP clock (90 kHz, counted from the first frame that watch sees). A key frame is requested
+//! (PLI) when a watch attaches and whenever a decoder waits for one. Network I/O runs on the tokio
+//! runtime; decoding runs on each feed's thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,15 +106,12 @@ pub enum WhipError {
     Internal(String),
 }
 
-/// Why a session could not attach.
+/// Why a watch could not attach.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// No such resource.
     #[error("no WHIP resource {0:?}; publish with POST /v1/whip first")]
     NotFound(String),
-    /// Another session watches it.
-    #[error("WHIP resource {0:?} is already watched by another session")]
-    Busy(String),
     /// The decoder could not start.
     #[error("cannot start a decoder: {0}")]
     Internal(String),
@@ -128,8 +126,8 @@ pub struct ResourceInfo {
     pub codec: Option<LiveCodec>,
     /// Whether the peer connection is up.
     pub connected: bool,
-    /// Whether a session is attached.
-    pub watched: bool,
+    /// How many watches are attached.
+    pub watchers: usize,
     /// Time since it was published.
     pub age: Duration,
 }
@@ -146,8 +144,10 @@ impl std::fmt::Debug for Whip {
     }
 }
 
-/// A session's hold on a resource.
+/// A watch's hold on a resource.
 struct Subscriber {
+    /// The watch's name (to detach it).
+    name: String,
     feed: LiveFeed,
     /// RTP timestamp (extended to 64 bits) of the first frame handed to this subscriber.
     first_ts: Option<u64>,
@@ -157,47 +157,56 @@ struct Subscriber {
 struct Resource {
     id: String,
     pc: Arc<dyn PeerConnection>,
-    subscriber: Mutex<Option<Subscriber>>,
+    subscribers: Mutex<Vec<Subscriber>>,
     codec: Mutex<Option<LiveCodec>>,
     connected: AtomicBool,
     ended: AtomicBool,
-    /// Set when a subscriber attaches or waits for a key frame: the track task sends a PLI.
+    /// Set when a watch attaches or a decoder waits for a key frame: the track task sends a PLI.
     want_key: AtomicBool,
     created: Instant,
 }
 
 impl Resource {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Subscriber>> {
-        self.subscriber.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ends the stream for its session and closes the peer connection.
+    /// Ends the stream for its watches and closes the peer connection.
     async fn end(&self, why: &str) {
         if self.ended.swap(true, Ordering::SeqCst) {
             return;
         }
         tracing::info!(resource = %self.id, why, "WHIP resource ended");
-        if let Some(s) = self.lock().take() {
+        let subscribers = std::mem::take(&mut *self.lock());
+        for s in subscribers {
             s.feed.finish(RingEnd::EndOfStream);
         }
         let _ = self.pc.close().await;
     }
 
-    /// Hands one reassembled frame to the session, if one is attached.
+    /// Hands one reassembled frame to every attached watch.
     fn deliver(&self, codec: LiveCodec, data: Vec<u8>, rtp_ts: u64) {
-        let mut guard = self.lock();
-        let Some(sub) = guard.as_mut() else { return };
-        let key = codec.is_key_frame(&data);
-        let first = *sub.first_ts.get_or_insert(rtp_ts);
-        let pts = Duration::from_micros(rtp_ts.saturating_sub(first) * 1_000_000 / 90_000);
-        if !sub.feed.push(Encoded { codec, data, pts, key }) {
-            // The session is gone; the next one may attach.
-            *guard = None;
+        let mut subs = self.lock();
+        if subs.is_empty() {
             return;
         }
-        if sub.feed.waiting_for_key() {
-            self.want_key.store(true, Ordering::Relaxed);
-        }
+        let key = codec.is_key_frame(&data);
+        let last = subs.len() - 1;
+        let mut data = Some(data);
+        let mut i = 0;
+        subs.retain_mut(|sub| {
+            // The last watch gets the buffer itself; the others a copy.
+            let bytes = if i == last { data.take().unwrap_or_default() } else { data.clone().unwrap_or_default() };
+            i += 1;
+            let first = *sub.first_ts.get_or_insert(rtp_ts);
+            let pts = Duration::from_micros(rtp_ts.saturating_sub(first) * 1_000_000 / 90_000);
+            // A watch that has gone closed its ring: let go of it.
+            let alive = sub.feed.push(Encoded { codec, data: bytes, pts, key });
+            if alive && sub.feed.waiting_for_key() {
+                self.want_key.store(true, Ordering::Relaxed);
+            }
+            alive
+        });
     }
 }
 
@@ -251,7 +260,7 @@ impl Whip {
         let resource = Arc::new(Resource {
             id: id.clone(),
             pc: pc.clone(),
-            subscriber: Mutex::new(None),
+            subscribers: Mutex::new(Vec::new()),
             codec: Mutex::new(None),
             connected: AtomicBool::new(false),
             ended: AtomicBool::new(false),
@@ -284,7 +293,8 @@ impl Whip {
         Ok((id, answer.sdp))
     }
 
-    /// Attaches a session: from now on the resource's frames go to `ring` (those `admit` takes).
+    /// Attaches watch `name`: from now on the resource's frames also go to `ring` (those
+    /// `admit` takes), decoded on a thread of the watch's own that holds `stop`.
     pub fn attach(
         &self,
         id: &str,
@@ -292,17 +302,25 @@ impl Whip {
         ring: Arc<FrameRing>,
         admit: Admit,
         events: EventSink,
+        stop: base::shutdown::Receiver,
     ) -> Result<(), AttachError> {
         let res = self.map().get(id).cloned().ok_or_else(|| AttachError::NotFound(id.to_owned()))?;
-        let mut guard = res.lock();
-        if guard.as_ref().is_some_and(|s| !s.feed.is_closed()) {
-            return Err(AttachError::Busy(id.to_owned()));
-        }
-        let feed = LiveFeed::start(name, ring, admit, events, FeedOptions::default())
+        let feed = LiveFeed::start(name, ring, admit, events, FeedOptions::default(), stop)
             .map_err(|e| AttachError::Internal(e.to_string()))?;
-        *guard = Some(Subscriber { feed, first_ts: None });
+        let mut subs = res.lock();
+        subs.retain(|s| !s.feed.is_closed());
+        subs.push(Subscriber { name: name.to_owned(), feed, first_ts: None });
         res.want_key.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Detaches watch `name` from resource `id` (its decoder drains and exits). Nothing happens
+    /// if either is gone.
+    pub fn detach(&self, id: &str, name: &str) {
+        let Some(res) = self.map().get(id).cloned() else { return };
+        let mut subs = res.lock();
+        // Dropping the feed closes its decoder's queue; the thread then exits.
+        subs.retain(|s| s.name != name);
     }
 
     /// Ends resource `id` (its session sees the end of the stream). False if there is none.
@@ -326,7 +344,7 @@ impl Whip {
                 id: r.id.clone(),
                 codec: *r.codec.lock().unwrap_or_else(|e| e.into_inner()),
                 connected: r.connected.load(Ordering::Relaxed),
-                watched: r.lock().as_ref().is_some_and(|s| !s.feed.is_closed()),
+                watchers: r.lock().iter().filter(|s| !s.feed.is_closed()).count(),
                 age: r.created.elapsed(),
             })
             .collect();

@@ -109,13 +109,36 @@ pub struct GenerationSettings {
     pub stop: Vec<String>,
 }
 
+impl Source {
+    /// The same source with any password in its URL replaced by `***`
+    /// (`rtsp://user:***@host/path`): what responses and logs may show.
+    pub fn redacted(&self) -> Source {
+        match self {
+            Source::Rtsp { url, transport } => Source::Rtsp { url: redact_url(url), transport: *transport },
+            Source::Url { url, speed, looped } => Source::Url { url: redact_url(url), speed: *speed, looped: *looped },
+            other => other.clone(),
+        }
+    }
+}
+
+/// `scheme://user:pass@host/...` with the password replaced by `***`; other URLs unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let Some((user, _password)) = rest[..at].split_once(':') else { return url.to_owned() };
+    format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+}
+
 /// Client to server.
 // Messages are parsed one at a time and dropped; boxing `start` would only add noise.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
-    /// Start analysing a source.
+    /// Start analysing a source: a new watch that ends when this connection does.
     Start {
         /// The source.
         source: Source,
@@ -128,13 +151,120 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generation: Option<GenerationSettings>,
     },
-    /// Change the standing prompt from the next window on.
+    /// Follow a running watch (started by another client) or a monitor: its events from now on,
+    /// after the current window's text so far. Give exactly one of the two.
+    Subscribe {
+        /// A watch id (`ready.session` of the client that started it, or `GET /v1/watches`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        watch: Option<String>,
+        /// A monitor id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        monitor: Option<String>,
+    },
+    /// Change the standing prompt from the next window on (the client that started the watch).
     Prompt {
         /// The new prompt.
         text: String,
     },
-    /// End the session.
+    /// End the session (and the watch it started, if any).
     Stop {},
+}
+
+/// Why a session or watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The source ended (the end of a clip that does not loop, a WHIP publisher that left).
+    EndOfStream,
+    /// A client sent `stop`.
+    Stopped,
+    /// The client that started the watch closed its connection.
+    ClientClosed,
+    /// The client stopped reading; its connection was dropped.
+    SlowClient,
+    /// The server is shutting down.
+    Shutdown,
+    /// The source could not be opened, or failed for good.
+    SourceFailed,
+    /// The request could not be served as asked (bad settings, unknown watch); see the error.
+    Rejected,
+    /// No model is loaded (still loading, or it failed to load).
+    ModelUnavailable,
+    /// The monitor was deleted.
+    Deleted,
+}
+
+impl EndReason {
+    /// The wire spelling (`end_of_stream`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::EndOfStream => "end_of_stream",
+            EndReason::Stopped => "stopped",
+            EndReason::ClientClosed => "client_closed",
+            EndReason::SlowClient => "slow_client",
+            EndReason::Shutdown => "shutdown",
+            EndReason::SourceFailed => "source_failed",
+            EndReason::Rejected => "rejected",
+            EndReason::ModelUnavailable => "model_unavailable",
+            EndReason::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a watch is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchState {
+    /// Opening its source, waiting for the first frame.
+    Starting,
+    /// Analysing windows.
+    Running,
+    /// A live source dropped; it is reconnecting.
+    Reconnecting,
+    /// Not running (a disabled monitor).
+    Paused,
+    /// Stopped by a failure (see the reason).
+    Failed,
+    /// Ended.
+    Ended,
+}
+
+/// A running watch (`GET /v1/watches`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchInfo {
+    /// Watch id (`subscribe` with `{"watch": id}`).
+    pub id: String,
+    /// The monitor it runs, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<String>,
+    /// Its source (passwords replaced by `***`).
+    pub source: Source,
+    /// The standing prompt.
+    pub prompt: String,
+    /// What it is doing.
+    pub state: WatchState,
+    /// The source, once it is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<SourceInfo>,
+    /// Clients following it.
+    pub subscribers: usize,
+    /// Windows analysed so far.
+    pub windows: u64,
+    /// Windows skipped because the model fell behind.
+    pub skipped: u64,
+}
+
+/// `GET /v1/watches`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchList {
+    /// Running watches, oldest first.
+    pub watches: Vec<WatchInfo>,
 }
 
 /// What the source turned out to be.
@@ -198,14 +328,30 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// The session is running.
+    /// The watch this session started is running (its source is open).
     Ready {
-        /// Session id.
+        /// Watch id (others may `subscribe` to it).
         session: String,
         /// The model serving it.
         model: String,
         /// The source.
         source: SourceInfo,
+    },
+    /// A `subscribe` was accepted; the watch's events follow (first the current window and
+    /// its text so far, when one is running).
+    Subscribed {
+        /// Watch id.
+        watch: String,
+        /// The monitor, when the watch runs one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        monitor: Option<String>,
+        /// The model serving it.
+        model: String,
+        /// The source, once it is open (a `ready` follows otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<SourceInfo>,
+        /// The standing prompt.
+        prompt: String,
     },
     /// A window was cut and sent to the model.
     Window {
@@ -213,9 +359,9 @@ pub enum ServerMessage {
         id: u64,
         /// Stream time of its first frame, seconds.
         start_s: f64,
-        /// Stream time of its last frame, seconds.
+        /// Stream time of its last frame, seconds (it spans until one sampling interval later).
         end_s: f64,
-        /// Frames in it.
+        /// Frames in it (fewer in the last window of a stream that ended).
         frames: usize,
         /// `[t, h, w]` patch grid.
         grid_thw: [usize; 3],
@@ -246,6 +392,12 @@ pub enum ServerMessage {
         windows: u64,
         /// Why.
         reason: String,
+    },
+    /// This client fell behind and `missed` events were dropped for it; it goes on from the
+    /// newest (the current window's text so far comes again first).
+    Lagged {
+        /// Events dropped.
+        missed: u64,
     },
     /// Ingest health.
     Status {
@@ -283,8 +435,10 @@ pub enum ServerMessage {
     },
     /// The session ended.
     Ended {
-        /// Why.
-        reason: String,
+        /// Why, for programs.
+        reason: EndReason,
+        /// Why, for people (what happened, and what to do when something can be done).
+        message: String,
     },
 }
 
@@ -297,8 +451,11 @@ pub struct WhipResource {
     pub codec: Option<String>,
     /// Whether the peer connection is up.
     pub connected: bool,
-    /// Whether a session is analysing it.
+    /// Whether a watch is analysing it.
     pub watched: bool,
+    /// How many watches analyse it.
+    #[serde(default)]
+    pub watchers: usize,
     /// Seconds since it was published.
     pub age_s: f64,
 }
@@ -442,6 +599,30 @@ mod tests {
         );
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"dance"}"#).is_err());
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"prompt","text":"a","extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn subscriptions_endings_and_lag_have_their_documented_shapes() {
+        let m: ClientMessage = serde_json::from_str(r#"{"type":"subscribe","watch":"s3"}"#).unwrap();
+        assert_eq!(m, ClientMessage::Subscribe { watch: Some("s3".into()), monitor: None });
+        let e =
+            serde_json::to_value(ServerMessage::Ended { reason: EndReason::EndOfStream, message: "m".into() }).unwrap();
+        assert_eq!(e, serde_json::json!({"type": "ended", "reason": "end_of_stream", "message": "m"}));
+        for r in [EndReason::ClientClosed, EndReason::SourceFailed, EndReason::ModelUnavailable] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        }
+        let l = serde_json::to_value(ServerMessage::Lagged { missed: 7 }).unwrap();
+        assert_eq!(l, serde_json::json!({"type": "lagged", "missed": 7}));
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_source_urls() {
+        assert_eq!(redact_url("rtsp://admin:s3cr%40t@10.0.0.5:554/stream1"), "rtsp://admin:***@10.0.0.5:554/stream1");
+        assert_eq!(redact_url("rtsp://10.0.0.5/a@b"), "rtsp://10.0.0.5/a@b");
+        assert_eq!(redact_url("rtsp://user@cam/x"), "rtsp://user@cam/x");
+        assert_eq!(redact_url("not a url"), "not a url");
+        let s = Source::Rtsp { url: "rtsp://u:p@cam/x".into(), transport: None }.redacted();
+        assert_eq!(s, Source::Rtsp { url: "rtsp://u:***@cam/x".into(), transport: None });
     }
 
     #[test]

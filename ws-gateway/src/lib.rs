@@ -5,3 +5,4 @@
 pub mod clip;
 pub mod server;
 pub mod tensors;
+pub(crate) mod watch;

@@ -89,6 +89,9 @@ struct ServeArgs {
     /// Local UDP addresses for WebRTC media (0.0.0.0:0 = every interface) [default: 0.0.0.0:0].
     #[arg(long = "webrtc-udp-addr", env = "LOOKOUT_WEBRTC_UDP_ADDRS", value_delimiter = ',')]
     webrtc_udp_addrs: Option<Vec<String>>,
+    /// Longest wait for a WebSocket's start or subscribe message, seconds [default: 30].
+    #[arg(long, env = "LOOKOUT_WS_START_TIMEOUT_S")]
+    ws_start_timeout_s: Option<f64>,
 }
 
 impl ServeArgs {
@@ -115,6 +118,7 @@ impl ServeArgs {
             rtsp_max_backoff_s: self.rtsp_max_backoff_s.or(f.rtsp_max_backoff_s),
             ice_servers: self.ice_servers.or(f.ice_servers),
             webrtc_udp_addrs: self.webrtc_udp_addrs.or(f.webrtc_udp_addrs),
+            ws_start_timeout_s: self.ws_start_timeout_s.or(f.ws_start_timeout_s),
         })
     }
 }
@@ -141,6 +145,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.webrtc_udp_addrs.filter(|a| !a.is_empty()) {
         webrtc.udp_addrs = a;
     }
+    let d = ws_gateway::server::ServeConfig::default();
+    let ws_start_timeout = match args.ws_start_timeout_s {
+        Some(s) => {
+            anyhow::ensure!(s.is_finite() && s > 0.0 && s <= 3600.0, "ws_start_timeout_s must be in (0, 3600]");
+            std::time::Duration::from_secs_f64(s)
+        }
+        None => d.ws_start_timeout,
+    };
     let config = ws_gateway::server::ServeConfig {
         model,
         device: args.device.as_deref().unwrap_or("cpu").parse()?,
@@ -148,7 +160,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.unwrap_or_else(|| "lookout-data".into()),
         api_key: args.api_key.filter(|k| !k.is_empty()),
         max_upload_bytes: args.max_upload_mb.unwrap_or(512).saturating_mul(1 << 20),
-        max_sessions: args.max_sessions.unwrap_or(8).max(1),
+        max_sessions: args.max_sessions.unwrap_or(d.max_sessions).max(1),
+        ws_start_timeout,
         max_ws_message_bytes: args.max_ws_message_kb.unwrap_or(64).max(1) * 1024,
         engine_queue: args.engine_queue.unwrap_or(8).max(1),
         allow_private_urls: args.allow_private_urls.unwrap_or(false),

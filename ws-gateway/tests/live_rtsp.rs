@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use protocol::{ClientMessage, ErrorCode, RtspTransport, ServerMessage, Source};
+use protocol::{ClientMessage, EndReason, ErrorCode, RtspTransport, ServerMessage, Source};
 
 fn start_rtsp(url: String, transport: Option<RtspTransport>) -> ClientMessage {
     ClientMessage::Start {
@@ -29,7 +29,7 @@ async fn until_window_done(ws: &mut Ws, seen: &mut Vec<ServerMessage>) -> (u64, 
             ServerMessage::Token { .. } => tokens += 1,
             ServerMessage::WindowDone { window, text, .. } => return (window, text, tokens),
             ServerMessage::Error { fatal: true, message, .. } => panic!("fatal error: {message}"),
-            ServerMessage::Ended { reason } => panic!("ended: {reason}"),
+            ServerMessage::Ended { reason, message } => panic!("ended ({reason}): {message}"),
             _ => {}
         }
     }
@@ -101,8 +101,9 @@ async fn h264_and_h265_cameras_stream_tokens_over_tcp_and_udp() {
         assert!(status > 5.0, "{path}: the 15 fps camera is decoded at {status} frames/s");
         send(&mut ws, &ClientMessage::Stop {}).await;
         loop {
-            if let ServerMessage::Ended { reason } = recv(&mut ws).await {
-                assert!(reason.contains("stopped"), "{reason}");
+            if let ServerMessage::Ended { reason, message } = recv(&mut ws).await {
+                assert_eq!(reason, EndReason::Stopped, "{message}");
+                assert!(message.contains("stopped"), "{message}");
                 break;
             }
         }
@@ -156,7 +157,7 @@ async fn a_killed_camera_is_reconnected_and_the_gap_reported() {
             ServerMessage::Resumed { from_s, to_s } => break (from_s, to_s),
             ServerMessage::Reconnecting { .. } | ServerMessage::Status { .. } => {}
             ServerMessage::Error { fatal: true, message, .. } => panic!("{message}"),
-            ServerMessage::Ended { reason } => panic!("ended: {reason}"),
+            ServerMessage::Ended { reason, message } => panic!("ended ({reason}): {message}"),
             _ => {}
         }
     };

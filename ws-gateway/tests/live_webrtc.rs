@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use protocol::{ClientMessage, ErrorCode, ServerMessage, Source};
+use protocol::{ClientMessage, EndReason, ErrorCode, ServerMessage, Source};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -198,30 +198,52 @@ async fn a_webrtc_rs_publisher_streams_over_whip_until_deleted() {
     // Stream time from the RTP clock: 2 frames at 2 fps, half a second apart.
     assert!(windows.iter().all(|(s, e)| (e - s - 0.5).abs() < 0.1), "{windows:?}");
 
-    // Listed, watched, and one session at a time.
+    // A second client watches the same stream at the same time, with its own prompt: it gets
+    // its own frames, windows and tokens while the first goes on.
+    let mut second = connect(&base).await;
+    let mut start = start_webrtc(&id);
+    if let ClientMessage::Start { prompt, .. } = &mut start {
+        *prompt = "Count the shapes.".into();
+    }
+    send(&mut second, &start).await;
+    match recv(&mut second).await {
+        ServerMessage::Ready { source, .. } => assert_eq!((source.width, source.height), (320, 240)),
+        other => panic!("{other:?}"),
+    }
+    let (mut first_done, mut second_done) = (0, 0);
+    while first_done < 1 || second_done < 1 {
+        tokio::select! {
+            m = recv(&mut ws) => if let ServerMessage::WindowDone { .. } = m { first_done += 1 },
+            m = recv(&mut second) => match m {
+                ServerMessage::WindowDone { text, .. } => {
+                    assert!(!text.is_empty());
+                    second_done += 1;
+                }
+                ServerMessage::Error { fatal: true, message, .. } => panic!("{message}"),
+                _ => {}
+            },
+        }
+    }
+
+    // Listed as connected and watched by both.
     let list_url = format!("http://{base}/v1/whip");
     let listed: Vec<protocol::WhipResource> =
         tokio::task::spawn_blocking(move || ureq::get(&list_url).call().unwrap().into_json().unwrap()).await.unwrap();
     let me = listed.iter().find(|r| r.id == id).unwrap();
     assert!(me.connected && me.watched);
+    assert_eq!(me.watchers, 2);
     assert_eq!(me.codec.as_deref(), Some("h264"));
-    let mut second = connect(&base).await;
-    send(&mut second, &start_webrtc(&id)).await;
-    match recv(&mut second).await {
-        ServerMessage::Error { code: ErrorCode::BadRequest, message, fatal: true } => {
-            assert!(message.contains("already watched"), "{message}")
-        }
-        other => panic!("{other:?}"),
-    }
 
-    // DELETE ends the resource, and with it the session.
+    // DELETE ends the resource, and with it both watches.
     let del = format!("http://{base}{location}");
     let (code, _) = tokio::task::spawn_blocking(move || http("DELETE", &del, None, "")).await.unwrap();
     assert_eq!(code, 200);
-    loop {
-        if let ServerMessage::Ended { reason } = recv(&mut ws).await {
-            assert_eq!(reason, "end of stream");
-            break;
+    for ws in [&mut ws, &mut second] {
+        loop {
+            if let ServerMessage::Ended { reason, message } = recv(ws).await {
+                assert_eq!(reason, EndReason::EndOfStream, "{message}");
+                break;
+            }
         }
     }
     sending.abort();

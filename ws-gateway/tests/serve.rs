@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use protocol::{ClientMessage, ErrorCode, GenerationSettings, ServerMessage, Source, WindowSettings};
+use protocol::{ClientMessage, EndReason, ErrorCode, GenerationSettings, ServerMessage, Source, WindowSettings};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
@@ -119,7 +119,7 @@ async fn replayed_upload_streams_windows_and_tokens() {
             }
             ServerMessage::Status { .. } => saw_status = true,
             ServerMessage::Skipped { .. } => {}
-            ServerMessage::Ended { reason } => break reason,
+            ServerMessage::Ended { reason, .. } => break reason,
             other => panic!("unexpected {other:?}"),
         }
     };
@@ -128,7 +128,7 @@ async fn replayed_upload_streams_windows_and_tokens() {
     // window already cut when the message arrives may still use the old one).
     let first_new = prompt_tokens.iter().position(|&n| n > prompt_tokens[0]).expect("the new prompt was never used");
     assert!(prompt_tokens[first_new..].iter().all(|&n| n == prompt_tokens[first_new]), "{prompt_tokens:?}");
-    assert_eq!(ended, "end of stream");
+    assert_eq!(ended, EndReason::EndOfStream);
     assert!(saw_status);
 
     server.stop.take().unwrap().send(()).unwrap();
@@ -224,12 +224,13 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
     send(&mut ws, &start).await;
     assert!(matches!(recv(&mut ws).await, ServerMessage::Ready { .. }));
     server.stop.take().unwrap().send(()).unwrap();
-    let reason = loop {
-        if let ServerMessage::Ended { reason } = recv(&mut ws).await {
-            break reason;
+    let (reason, message) = loop {
+        if let ServerMessage::Ended { reason, message } = recv(&mut ws).await {
+            break (reason, message);
         }
     };
-    assert!(reason.contains("shutting down"), "{reason}");
+    assert_eq!(reason, EndReason::Shutdown);
+    assert!(message.contains("shutting down"), "{message}");
     server.task.await.unwrap();
 }
 
@@ -257,14 +258,14 @@ async fn concurrent_sessions_and_a_stalled_reader_do_not_block_others() {
         loop {
             match recv(&mut ws).await {
                 ServerMessage::WindowDone { .. } => done += 1,
-                ServerMessage::Ended { reason } => return (done, reason),
+                ServerMessage::Ended { reason, .. } => return (done, reason),
                 _ => {}
             }
         }
     };
     let (a, b) = tokio::join!(run(server.base.clone(), id.clone()), run(server.base.clone(), id.clone()));
     for (done, reason) in [a, b] {
-        assert_eq!(reason, "end of stream");
+        assert_eq!(reason, EndReason::EndOfStream);
         assert!(done >= 1, "a session got no window done");
     }
     drop(stalled);
@@ -483,12 +484,13 @@ async fn stop_during_a_window_ends_the_session_at_once() {
     }
     let asked = std::time::Instant::now();
     send(&mut ws, &ClientMessage::Stop {}).await;
-    let reason = loop {
-        if let ServerMessage::Ended { reason } = recv(&mut ws).await {
-            break reason;
+    let (reason, message) = loop {
+        if let ServerMessage::Ended { reason, message } = recv(&mut ws).await {
+            break (reason, message);
         }
     };
-    assert_eq!(reason, "stopped by the client");
+    assert_eq!(reason, EndReason::Stopped);
+    assert_eq!(message, "stopped by the client");
     assert!(asked.elapsed() < Duration::from_secs(4), "stop took {:?}", asked.elapsed());
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();

@@ -4,8 +4,10 @@
 //! - `GET /v1/models`: the served model.
 //! - `POST /v1/uploads`: a clip, streamed to disk under the data directory, size-limited and
 //!   probed; answers its id.
-//! - `GET /v1/ws`: a streaming session (see the `protocol` crate): a source replayed in real time
-//!   into a frame ring, cut into windows, each analysed by the engine with its tokens streamed.
+//! - `GET /v1/ws`: a streaming session (see the `protocol` crate and [`session`]): it starts a
+//!   watch ([`crate::watch`]) or subscribes to a running one, and streams its windows' tokens.
+//! - `GET /v1/watches`: the running watches; `GET /v1/sessions/{id}/frame.jpg`: a watch's newest
+//!   frame.
 //!
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
@@ -48,6 +50,8 @@ pub struct ServeConfig {
     pub max_upload_bytes: u64,
     /// Concurrent WebSocket sessions.
     pub max_sessions: usize,
+    /// Longest wait for a WebSocket's `start` or `subscribe` before it is closed.
+    pub ws_start_timeout: std::time::Duration,
     /// Largest WebSocket message from a client, bytes.
     pub max_ws_message_bytes: usize,
     /// Requests waiting for the engine.
@@ -70,6 +74,7 @@ impl Default for ServeConfig {
             api_key: None,
             max_upload_bytes: 512 << 20,
             max_sessions: 8,
+            ws_start_timeout: std::time::Duration::from_secs(30),
             max_ws_message_bytes: 64 * 1024,
             engine_queue: 8,
             allow_private_urls: false,
@@ -101,8 +106,6 @@ impl Default for LiveConfig {
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     pub(crate) sessions: std::sync::atomic::AtomicU64,
-    pub(crate) windows: std::sync::atomic::AtomicU64,
-    pub(crate) skipped: std::sync::atomic::AtomicU64,
     pub(crate) tokens: std::sync::atomic::AtomicU64,
     pub(crate) uploads: std::sync::atomic::AtomicU64,
     pub(crate) requests: std::sync::atomic::AtomicU64,
@@ -114,28 +117,63 @@ pub(crate) enum ModelState {
     Loading,
     Ready(inference::Engine),
     Failed(String),
+    /// A stand-in analyzer (session tests without a model).
+    #[cfg(test)]
+    Fake(Arc<dyn crate::watch::Analyzer>),
 }
 
 /// Shared state of the service.
 pub(crate) struct AppState {
-    pub(crate) config: ServeConfig,
+    pub(crate) config: Arc<ServeConfig>,
     pub(crate) model: RwLock<ModelState>,
     pub(crate) sessions: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_session: AtomicUsize,
     pub(crate) metrics: Metrics,
     pub(crate) whip: Arc<ingest::webrtc::Whip>,
-    /// Running sessions' progress (their newest frame for the live view).
-    pub(crate) previews: std::sync::Mutex<std::collections::HashMap<String, Arc<session::Progress>>>,
+    /// The running watches.
+    pub(crate) watches: crate::watch::Watches,
 }
 
 impl AppState {
+    /// A state for `config` whose watches open sources with `sources`.
+    pub(crate) fn new(
+        config: Arc<ServeConfig>,
+        whip: Arc<ingest::webrtc::Whip>,
+        sources: Arc<dyn crate::watch::Sources>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let options =
+            crate::watch::WatchOptions { first_frame_timeout: config.live.first_frame_timeout, ..Default::default() };
+        AppState {
+            config,
+            model: RwLock::new(ModelState::Loading),
+            sessions: AtomicUsize::new(0),
+            shutdown,
+            next_session: AtomicUsize::new(1),
+            metrics: Metrics::default(),
+            whip,
+            watches: crate::watch::Watches::new(sources, options),
+        }
+    }
+
     pub(crate) fn engine(&self) -> Result<inference::Engine, ApiFailure> {
         match &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
             ModelState::Ready(e) => Ok(e.clone()),
             ModelState::Loading => Err(ApiFailure::unavailable("the model is still loading; see /v1/health")),
             ModelState::Failed(e) => Err(ApiFailure::unavailable(&format!("the model failed to load: {e}"))),
+            #[cfg(test)]
+            ModelState::Fake(_) => Err(ApiFailure::unavailable("a test model has no engine")),
         }
+    }
+
+    /// What watches analyse windows with.
+    pub(crate) fn analyzer(&self) -> Result<Arc<dyn crate::watch::Analyzer>, ApiFailure> {
+        #[cfg(test)]
+        if let ModelState::Fake(a) = &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(a.clone());
+        }
+        Ok(Arc::new(self.engine()?))
     }
 }
 
@@ -185,6 +223,8 @@ async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
         ModelState::Loading => (HealthStatus::Loading, None),
         ModelState::Ready(_) => (HealthStatus::Ready, None),
         ModelState::Failed(e) => (HealthStatus::Failed, Some(e.clone())),
+        #[cfg(test)]
+        ModelState::Fake(_) => (HealthStatus::Ready, None),
     };
     let device = match state.config.device {
         inference::DeviceChoice::Cpu => "cpu".to_owned(),
@@ -288,6 +328,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/ws", get(session::ws))
         .route("/v1/sessions/{id}/frame.jpg", get(session::frame_jpeg))
+        .route("/v1/watches", get(session::watches))
+        .route("/v1/watches/{id}/frame.jpg", get(session::frame_jpeg))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
@@ -308,16 +350,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(config.data_dir.join("uploads"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = Arc::new(AppState {
-        config: config.clone(),
-        model: RwLock::new(ModelState::Loading),
-        sessions: AtomicUsize::new(0),
-        shutdown: shutdown_rx,
-        next_session: AtomicUsize::new(1),
-        metrics: Metrics::default(),
-        whip: ingest::webrtc::Whip::new(config.webrtc.clone()),
-        previews: Default::default(),
-    });
+    let whip = ingest::webrtc::Whip::new(config.webrtc.clone());
+    let config = Arc::new(config);
+    let sources = Arc::new(sources::ServerSources { config: config.clone(), whip: whip.clone() });
+    let state = Arc::new(AppState::new(config, whip, sources, shutdown_rx));
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -338,11 +374,15 @@ pub async fn serve(
     });
     let app = router(state.clone());
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    let watches = state.watches.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
-            tracing::info!("shutting down: ending sessions");
+            tracing::info!("shutting down: ending sessions and watches");
             let _ = shutdown_tx.send(true);
+            // Every watch ends (its clients are told why) and its threads are joined; the
+            // connections then close and the server stops.
+            watches.shutdown().await;
         })
         .await?;
     state.whip.close_all().await;

@@ -121,7 +121,7 @@ pub(crate) async fn chat_completions(
                                     .filter(|p| p.is_file())
                                     .ok_or_else(|| ApiFailure::bad_request(format!("no upload with id {id:?}")))?
                             } else {
-                                let file = fetch_to_temp(&state, &url).await?;
+                                let file = fetch_to_temp(&state.config, &url).await?;
                                 let path = file.0.clone();
                                 temps.push(file);
                                 path

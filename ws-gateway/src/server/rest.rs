@@ -62,10 +62,10 @@ pub(crate) fn submit_failure(e: inference::Error) -> ApiFailure {
 
 /// Downloads `url` under the data directory (blocking work off the runtime, with the URL guard);
 /// the file goes away when the returned guard is dropped.
-pub(crate) async fn fetch_to_temp(state: &AppState, url: &str) -> Result<TempFile, ApiFailure> {
-    let path = state.config.data_dir.join("uploads").join(format!("{}.fetch", new_id()));
+pub(crate) async fn fetch_to_temp(config: &super::ServeConfig, url: &str) -> Result<TempFile, ApiFailure> {
+    let path = config.data_dir.join("uploads").join(format!("{}.fetch", new_id()));
     let guard = TempFile(path.clone());
-    let (u, limit, allow) = (url.to_owned(), state.config.max_upload_bytes, state.config.allow_private_urls);
+    let (u, limit, allow) = (url.to_owned(), config.max_upload_bytes, config.allow_private_urls);
     tokio::task::spawn_blocking(move || fetch(&u, &path, limit, allow)).await.map_err(internal)??;
     Ok(guard)
 }
@@ -279,7 +279,7 @@ pub(crate) async fn inference_url(
     let started = Instant::now();
     let req: UrlInferenceRequest =
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid JSON body: {e}")))?;
-    let clip = fetch_to_temp(&state, &req.url).await?;
+    let clip = fetch_to_temp(&state.config, &req.url).await?;
     let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
     let ask =
         Ask { prompt: req.prompt, params: req.video_params, temperature: req.temperature, max_tokens: req.max_tokens };
@@ -300,14 +300,27 @@ pub(crate) async fn metrics(
     };
     line("lookout_sessions_active", "gauge", "Open WebSocket sessions.", state.sessions.load(Ordering::Relaxed) as u64);
     line("lookout_sessions_total", "counter", "WebSocket sessions started.", m.sessions.load(Ordering::Relaxed));
-    line("lookout_windows_total", "counter", "Windows analysed.", m.windows.load(Ordering::Relaxed));
+    let w = state.watches.totals();
+    line("lookout_watches_active", "gauge", "Running watches.", state.watches.len() as u64);
+    line("lookout_windows_total", "counter", "Windows analysed to the end.", w.windows.load(Ordering::Relaxed));
     line(
         "lookout_windows_skipped_total",
         "counter",
         "Windows dropped because the model fell behind.",
-        m.skipped.load(Ordering::Relaxed),
+        w.skipped.load(Ordering::Relaxed),
     );
-    line("lookout_tokens_total", "counter", "Tokens generated.", m.tokens.load(Ordering::Relaxed));
+    line(
+        "lookout_windows_refused_total",
+        "counter",
+        "Windows the engine refused (queue full) or failed.",
+        w.refused.load(Ordering::Relaxed),
+    );
+    line(
+        "lookout_tokens_total",
+        "counter",
+        "Tokens generated.",
+        m.tokens.load(Ordering::Relaxed) + w.tokens.load(Ordering::Relaxed),
+    );
     line("lookout_uploads_total", "counter", "Clips uploaded.", m.uploads.load(Ordering::Relaxed));
     line(
         "lookout_rest_requests_total",

@@ -82,7 +82,8 @@ pub(crate) async fn list(
             id: r.id,
             codec: r.codec.map(|c| c.name().to_owned()),
             connected: r.connected,
-            watched: r.watched,
+            watched: r.watchers > 0,
+            watchers: r.watchers,
             age_s: r.age.as_secs_f64(),
         })
         .collect();

@@ -24,34 +24,6 @@ async fn start_with(api_key: Option<&str>, max_upload_bytes: u64, allow_private_
     .await
 }
 
-/// A multipart body with one part named `file`.
-fn multipart(bytes: &[u8]) -> (String, Vec<u8>) {
-    let boundary = "lookoutboundary7MA4YWxkTrZu0gW";
-    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"clip\"\r\nContent-Type: application/octet-stream\r\n\r\n").into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-async fn upload(base: &str, bytes: Vec<u8>, key: Option<&str>) -> (u16, serde_json::Value) {
-    let url = format!("http://{base}/v1/uploads");
-    let key = key.map(str::to_owned);
-    tokio::task::spawn_blocking(move || {
-        let (ct, body) = multipart(&bytes);
-        let mut req = ureq::post(&url).set("Content-Type", &ct);
-        if let Some(k) = key {
-            req = req.set("Authorization", &format!("Bearer {k}"));
-        }
-        match req.send_bytes(&body) {
-            Ok(r) => (r.status(), r.into_json().unwrap()),
-            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
-            Err(e) => panic!("{e}"),
-        }
-    })
-    .await
-    .unwrap()
-}
-
 fn start_msg(id: &str, prompt: &str) -> ClientMessage {
     ClientMessage::Start {
         source: Source::Upload { id: id.into(), speed: Some(4.0), looped: Some(false) },

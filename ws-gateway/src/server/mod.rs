@@ -375,6 +375,7 @@ pub async fn serve(
     let app = router(state.clone());
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let watches = state.watches.clone();
+    let listener = axum::serve::ListenerExt::tap_io(listener, tune_connection);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
@@ -391,6 +392,22 @@ pub async fn serve(
         tracing::info!(open, "sessions still closing");
     }
     Ok(())
+}
+
+/// Bytes the kernel may queue for one client. Tokens are small messages: this holds about a
+/// thousand, so a client that stops reading is noticed within seconds (its subscription lags,
+/// then it is dropped) instead of after megabytes of autotuned buffer.
+const SOCKET_SEND_BUFFER: usize = 64 * 1024;
+
+/// Every accepted connection: tokens go out at once (no Nagle delay), and the kernel's send
+/// queue is bounded.
+fn tune_connection(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SOCKET_SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot bound the socket's send buffer");
+    }
 }
 
 /// SIGINT or SIGTERM.

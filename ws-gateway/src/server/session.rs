@@ -30,6 +30,12 @@ use crate::watch::{Stop, Subscription, WatchHandle, WatchSpec};
 /// How long a client may leave messages unread before its session is ended.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bytes a connection's writer buffers before it waits for the socket.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Bytes a connection's writer may hold at most (above the largest message: a whole answer).
+const MAX_WRITE_BUFFER: usize = 1 << 20;
+
 /// `GET /v1/sessions/{id}/frame.jpg` (also `/v1/watches/{id}/frame.jpg`): the newest frame of a
 /// running watch, as JPEG (the live view of sources a browser cannot play itself, such as RTSP
 /// cameras).
@@ -100,7 +106,14 @@ pub(crate) async fn ws(
     }
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     let max = state.config.max_ws_message_bytes;
-    upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+    // A small write buffer (bounded, as every queue here): a client that stops reading blocks
+    // its writer soon, its subscription lags, and after SEND_TIMEOUT it is dropped.
+    let upgrade = upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER);
+    upgrade.on_upgrade(move |socket| async move {
         use tracing::Instrument;
         let id = format!("c{}", state.next_session.fetch_add(1, Ordering::Relaxed));
         let (sink, stream) = socket.split();

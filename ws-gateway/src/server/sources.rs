@@ -91,7 +91,7 @@ impl ServerSources {
                 self.whip.attach(resource, name, ring, admit, sink, stop).map_err(|e| {
                     let code = match e {
                         ingest::webrtc::AttachError::Internal(_) => ErrorCode::Internal,
-                        _ => ErrorCode::BadRequest,
+                        ingest::webrtc::AttachError::NotFound(_) => ErrorCode::BadRequest,
                     };
                     failure(code, e.to_string())
                 })?;

@@ -1,14 +1,20 @@
 //! Video sources for Lookout.
 //!
-//! This crate opens video, demuxes and decodes it with libav (through ffmpeg-next) on a dedicated
-//! thread, and converts to RGB only the frames that are asked for. It knows nothing of models or
-//! HTTP.
+//! This crate opens video, demuxes and decodes it with libav (through ffmpeg-next) on dedicated
+//! threads, and converts to RGB only the frames that are asked for. It knows nothing of models,
+//! HTTP or storage.
 //!
 //! - [`probe`] reads a file's stream facts ([`VideoInfo`]): codec, size, frame count and average
 //!   frame rate, counted from the packets themselves (as torchcodec's exact mode does), so that
 //!   frame indices mean the same thing here as in the Python reference.
 //! - [`FileSource::frames`] decodes the requested frame indices on its own thread and hands them
-//!   over through a bounded channel as [`Frame`]s.
+//!   over through a bounded channel as [`Frame`]s (clip mode).
+//! - Stream mode: every source feeds a [`ring::FrameRing`] (bounded; the producer never waits).
+//!   [`replay`] paces a file as if it were live; [`rtsp`] pulls a camera with retina and
+//!   reconnects; [`webrtc`] is the WHIP resource lifecycle (any number of watches per stream);
+//!   [`live`] is their shared decoder thread. Each takes its pipeline's
+//!   [`base::shutdown::Receiver`], stops at once on the signal, and holds the receiver while it
+//!   runs, so the pipeline's owner can join it.
 //!
 //! The YUV to RGB conversion uses libswscale with the settings torchcodec uses (bilinear, the
 //! frame's own colour matrix), so frames are bit-identical with the reference reader.

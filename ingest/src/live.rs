@@ -171,7 +171,10 @@ impl LiveFeed {
         let thread_ring = ring.clone();
         let nominal_fps = Arc::new(AtomicU64::new(opts.nominal_fps.to_bits()));
         let fps = nominal_fps.clone();
+        // The thread logs in the span of whoever started it (the watch).
+        let span = tracing::Span::current();
         std::thread::Builder::new().name(format!("decode:{name}")).spawn(move || {
+            let _entered = span.enter();
             let end = decode_loop(rx, &thread_ring, admit, &events, &fps);
             if let Err(e) = end {
                 thread_ring.close(RingEnd::Failed(e));

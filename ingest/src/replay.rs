@@ -66,9 +66,12 @@ impl Replay {
         let info = source.info().clone();
         let path: PathBuf = path.to_owned();
         let name = format!("replay:{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        // The thread logs in the span of whoever started it (the watch).
+        let span = tracing::Span::current();
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                let _entered = span.enter();
                 let end = match run(&path, source.info(), opts, &ring, admit, &stop) {
                     Ok(end) => end,
                     Err(e) => RingEnd::Failed(e.to_string()),

@@ -4,8 +4,8 @@
 //! - `GET /v1/models`: the served model.
 //! - `POST /v1/uploads`: a clip, streamed to disk under the data directory, size-limited and
 //!   probed; answers its id.
-//! - `GET /v1/ws`: a streaming session (see the `protocol` crate and [`session`]): it starts a
-//!   watch ([`crate::watch`]) or subscribes to a running one, and streams its windows' tokens.
+//! - `GET /v1/ws`: a streaming session (see the `protocol` crate and `session`): it starts a
+//!   watch (`crate::watch`) or subscribes to a running one, and streams its windows' tokens.
 //! - `GET /v1/watches`: the running watches; `GET /v1/sessions/{id}/frame.jpg`: a watch's newest
 //!   frame.
 //!

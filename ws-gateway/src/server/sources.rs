@@ -83,7 +83,8 @@ impl ServerSources {
                 let feed = LiveFeed::start(name, ring, admit, sink.clone(), FeedOptions::default(), stop.clone())
                     .map_err(|e| failure(ErrorCode::Internal, format!("cannot start a decoder: {e}")))?;
                 tracing::info!(camera = camera.redacted(), transport = ?opts.transport, "opening RTSP camera");
-                tokio::spawn(ingest::rtsp::run(camera, opts, feed, sink, stop));
+                let task = ingest::rtsp::run(camera, opts, feed, sink, stop);
+                tokio::spawn(tracing::Instrument::in_current_span(task));
                 return Ok(Opened { info: None, events: Some(events), hold: None });
             }
             Source::Webrtc { resource } => {

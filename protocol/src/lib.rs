@@ -320,6 +320,10 @@ pub enum ErrorCode {
     Overloaded,
     /// Authentication failed.
     Unauthorized,
+    /// No such thing (monitor, event, watch).
+    NotFound,
+    /// It conflicts with what exists (a monitor name in use).
+    Conflict,
     /// Something else went wrong on the server.
     Internal,
 }
@@ -440,6 +444,164 @@ pub enum ServerMessage {
         /// Why, for people (what happened, and what to do when something can be done).
         message: String,
     },
+}
+
+/// How long a monitor keeps its history. Either limit may be left out (the server's default
+/// applies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Events older than this many days are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<u32>,
+    /// At most this many events are kept (the oldest go first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events: Option<u64>,
+}
+
+/// `POST /v1/monitors`: a standing watch that runs without a viewer and across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorRequest {
+    /// A unique name.
+    pub name: String,
+    /// The source, as in `start` (an upload with `"loop": true` makes a clip a standing camera).
+    pub source: Source,
+    /// The standing prompt.
+    pub prompt: String,
+    /// Window policy, as in `start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowSettings>,
+    /// Generation settings, as in `start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationSettings>,
+    /// Whether it runs (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// History limits (the server's defaults otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// `PATCH /v1/monitors/{id}`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorPatch {
+    /// A new unique name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A new prompt (applies from the next window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// New window settings (the monitor restarts its watch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowSettings>,
+    /// New generation settings (from the next window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationSettings>,
+    /// New history limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// Pause (false) or resume (true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// What a monitor has done since the server started (events: ever, as stored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorCounters {
+    /// Windows analysed.
+    pub windows: u64,
+    /// Windows skipped because the model fell behind.
+    pub skipped: u64,
+    /// Events in its history.
+    pub events: u64,
+    /// Times its source failed or dropped.
+    pub failures: u64,
+}
+
+/// A monitor (`GET /v1/monitors/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Monitor {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The source (passwords replaced by `***`).
+    pub source: Source,
+    /// The standing prompt.
+    pub prompt: String,
+    /// Window settings as given.
+    pub window: WindowSettings,
+    /// Generation settings as given.
+    pub generation: GenerationSettings,
+    /// Whether it runs.
+    pub enabled: bool,
+    /// History limits in force (the server's defaults filled in).
+    pub retention: Retention,
+    /// What it is doing.
+    pub state: WatchState,
+    /// Why it failed or ended, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The watch running it now (`subscribe` to the monitor to follow it across restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<String>,
+    /// Counters.
+    pub counters: MonitorCounters,
+    /// The newest event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<Event>,
+    /// Created, RFC 3339 (UTC).
+    pub created_at: String,
+    /// Last changed, RFC 3339 (UTC).
+    pub updated_at: String,
+}
+
+/// `GET /v1/monitors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorList {
+    /// Every monitor, oldest first.
+    pub monitors: Vec<Monitor>,
+}
+
+/// One analysed window of a monitor, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Event id.
+    pub id: i64,
+    /// The monitor.
+    pub monitor: String,
+    /// Window id within its watch.
+    pub window: u64,
+    /// Stream time of the window's first frame, seconds.
+    pub start_s: f64,
+    /// Stream time of its last frame, seconds.
+    pub end_s: f64,
+    /// Wall-clock time of its first frame, RFC 3339 (UTC).
+    pub started_at: String,
+    /// The prompt it was asked.
+    pub prompt: String,
+    /// The answer.
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+    /// `/v1/events/{id}/thumbnail.jpg`, when a thumbnail was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<String>,
+}
+
+/// `GET /v1/monitors/{id}/events`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    /// The events.
+    pub events: Vec<Event>,
+    /// Pass as `before=` for the next (older) page; null on the last page.
+    pub next: Option<String>,
 }
 
 /// A published WebRTC stream (`GET /v1/whip`).

@@ -11,5 +11,6 @@
 
 pub mod clip;
 pub mod server;
+pub mod store;
 pub mod tensors;
 pub(crate) mod watch;

@@ -20,6 +20,7 @@ mod uploads;
 mod whip;
 
 pub use ingest::webrtc::{IceServer, WebrtcConfig};
+pub(crate) use uploads::new_id;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

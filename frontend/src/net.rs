@@ -74,6 +74,28 @@ pub(crate) async fn get_json<T: DeserializeOwned>(path: &str, key: &str) -> Resu
     serde_json::from_str(&text.as_string().unwrap_or_default()).map_err(|e| e.to_string())
 }
 
+/// Sends a JSON body (`POST`, `PATCH`) and reads the JSON answer.
+pub(crate) async fn send_json<B: serde::Serialize, T: DeserializeOwned>(
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &B,
+) -> Result<T, String> {
+    let text = serde_json::to_string(body).map_err(|e| e.to_string())?;
+    let resp = fetch(method, path, key, Some(("application/json", &text))).await?;
+    if !resp.ok() {
+        return Err(failure(&resp).await);
+    }
+    let text = JsFuture::from(resp.text().map_err(js_err)?).await.map_err(js_err)?;
+    serde_json::from_str(&text.as_string().unwrap_or_default()).map_err(|e| e.to_string())
+}
+
+/// `DELETE`s a resource.
+pub(crate) async fn delete(path: &str, key: &str) -> Result<(), String> {
+    let resp = fetch("DELETE", path, key, None).await?;
+    if resp.ok() { Ok(()) } else { Err(failure(&resp).await) }
+}
+
 /// A published camera: its stream (for the preview), peer connection and WHIP resource.
 #[derive(Clone)]
 pub(crate) struct Published {

@@ -207,6 +207,8 @@ pub struct StreamWindow {
     pub frame_ids: Vec<u64>,
     /// Whether this is the shorter last window cut at the end of the stream.
     pub last: bool,
+    /// The window's last frame, resized (RGB8 of the window shape): its thumbnail.
+    pub last_rgb: Vec<u8>,
     /// The model input; its timestamps count from the window's first frame.
     pub clip: Clip,
 }
@@ -327,13 +329,14 @@ impl StreamWindows {
             b.push(h.rgb.clone(), h.t - first_t)?;
         }
         let frame_ids = frames.iter().map(|h| h.seq).collect();
+        let last_rgb = frames.last().map(|h| h.rgb.clone()).unwrap_or_default();
         let clip = b.finish()?;
         let index = self.next_window;
         self.next_window += 1;
         // Frames before the next window's start are of no further use.
         let next_start = self.window_start(self.next_window);
         self.held.retain(|h| h.index >= next_start);
-        Ok(StreamWindow { index, start_s: first_t, end_s, frame_ids, last, clip })
+        Ok(StreamWindow { index, start_s: first_t, end_s, frame_ids, last, last_rgb, clip })
     }
 }
 

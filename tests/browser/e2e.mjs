@@ -6,7 +6,9 @@
 //   2. publishes chromium's fake camera (a Y4M file) over WHIP and watches tokens stream;
 //      changes the prompt mid-stream, then stops;
 //   3. watches GStreamer's RTSP server (tools/rtsp_server.py) through the RTSP tab;
-//   4. gets a clear error for a camera that is not there.
+//   4. creates a monitor (a clip looped as a camera), sees its tokens stream on its card, opens its
+//      history, searches it, and deletes it;
+//   5. gets a clear error for a camera that is not there.
 // Screenshots go to target/browser-artifacts/. Run by scripts/test.sh (after the binary is built).
 
 import { chromium } from "playwright-core";
@@ -54,10 +56,13 @@ function waitForLine(child, re, what, ms = 60000) {
   });
 }
 
+let servers = 0;
 async function startLookout(model = join(root, "fixtures/models/tiny-tied")) {
   const bin = join(root, "target/debug/lookout");
+  // Each server its own data directory (its own store).
+  const data = join(work, `data-${servers++}`);
   const c = spawn(bin, ["serve", "--model", model, "--port", "0",
-    "--data-dir", join(work, "data")], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
+    "--data-dir", data], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
   children.push(c);
   // Up to the end of the line: output may arrive in pieces, mid-port.
   const m = await waitForLine(c, /listening on (http:\/\/[0-9.:]+)\r?\n/, "lookout serve");
@@ -245,7 +250,67 @@ async function main() {
     await page.click("#stop");
   });
 
+  await test("monitors: create one, tokens on its card, its history, search, delete", async () => {
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#nav-monitors");
+    await page.click("#new-monitor");
+    await page.fill("#monitor-name", "front door");
+    await page.selectOption("#monitor-source-kind", "upload");
+    await page.setInputFiles("#monitor-file", clip);
+    await page.fill("#monitor-prompt", "Is anyone at the door?");
+    await page.fill("#monitor-window", "1");
+    await page.fill("#monitor-fps", "2");
+    await page.fill("#monitor-max-tokens", "4");
+    await page.click("#monitor-save");
+    await page.waitForSelector(".monitor-card", { timeout: 30000 });
+    const name = await page.textContent(".monitor-card .name");
+    if (name !== "front door") throw new Error(`card says ${name}`);
+    // Tokens stream into the card as the monitor answers (seen by a DOM observer), and the last
+    // answer is kept.
+    await page.evaluate(() => {
+      window.__streamed = "";
+      const watch = () => {
+        const t = document.querySelector(".monitor-card .tokens");
+        if (!t) return setTimeout(watch, 20);
+        new MutationObserver(() => { if (t.textContent) window.__streamed = t.textContent; })
+          .observe(t, { childList: true, characterData: true, subtree: true });
+      };
+      watch();
+    });
+    await page.waitForFunction(() => window.__streamed.length > 0, null, { timeout: 90000 });
+    await page.waitForFunction(() => !(document.querySelector(".monitor-card .last")?.textContent ?? "").includes("none yet"),
+      null, { timeout: 90000 });
+    await page.waitForFunction(() => (document.querySelector(".monitor-card .state")?.textContent ?? "") === "running",
+      null, { timeout: 30000 });
+    await page.screenshot({ path: join(artifacts, "monitors.png"), fullPage: true });
+    // Its history: events with thumbnails; a search for a word of one answer finds only answers
+    // with that word.
+    await page.waitForFunction(() => /[1-9]/.test(document.querySelector(".monitor-card .counters")?.textContent ?? ""),
+      null, { timeout: 30000 });
+    await page.click(".monitor-card .open");
+    await page.waitForSelector("#history .event", { timeout: 30000 });
+    const first = await page.textContent("#history .event .text");
+    const word = (first.match(/[A-Za-z0-9]{3,}/) ?? [first.trim()])[0];
+    await page.fill("#history-search", word);
+    await page.click("#history-go");
+    await page.waitForFunction((w) => {
+      const texts = [...document.querySelectorAll("#history .event .text")].map((e) => e.textContent.toLowerCase());
+      return texts.length > 0 && texts.every((t) => t.includes(w.toLowerCase()));
+    }, word, { timeout: 30000 });
+    const thumbs = await page.$$eval("#history .event img.thumb", (imgs) => imgs.filter((i) => i.naturalWidth > 0).length);
+    await page.screenshot({ path: join(artifacts, "monitor-history.png"), fullPage: true });
+    await page.fill("#history-search", "zzqqxxjj");
+    await page.click("#history-go");
+    await page.waitForSelector("#history-empty", { timeout: 30000 });
+    if (thumbs < 1) throw new Error("no thumbnail loaded in the history");
+    // Delete: the card goes.
+    await page.click(".monitor-card .delete");
+    await page.waitForSelector("#no-monitors", { timeout: 30000 });
+  });
+
   await test("a camera that is not there gets a clear error that says what to do", async () => {
+    await page.goto(base);
     await page.reload();
     await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
     await page.click("#tab-rtsp");

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code, clippy::print_stdout, clippy::print_stderr)]
 
 pub mod clip;
+pub(crate) mod monitors;
 pub mod server;
 pub mod store;
 pub mod tensors;

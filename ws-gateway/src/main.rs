@@ -58,9 +58,12 @@ struct ServeArgs {
     /// Largest upload, MiB [default: 512].
     #[arg(long, env = "LOOKOUT_MAX_UPLOAD_MB")]
     max_upload_mb: Option<u64>,
-    /// Concurrent WebSocket sessions [default: 8].
+    /// Concurrent analysis sessions (watches started over WebSockets) [default: 8].
     #[arg(long, env = "LOOKOUT_MAX_SESSIONS")]
     max_sessions: Option<usize>,
+    /// Concurrent WebSocket connections, subscriptions included [default: 256].
+    #[arg(long, env = "LOOKOUT_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// Largest WebSocket message from a client, KiB [default: 64].
     #[arg(long, env = "LOOKOUT_MAX_WS_MESSAGE_KB")]
     max_ws_message_kb: Option<usize>,
@@ -92,6 +95,12 @@ struct ServeArgs {
     /// Longest wait for a WebSocket's start or subscribe message, seconds [default: 30].
     #[arg(long, env = "LOOKOUT_WS_START_TIMEOUT_S")]
     ws_start_timeout_s: Option<f64>,
+    /// Days of history a monitor keeps unless it says otherwise [default: 30].
+    #[arg(long, env = "LOOKOUT_RETENTION_DAYS")]
+    retention_days: Option<u32>,
+    /// Events a monitor keeps at most unless it says otherwise [default: 100000].
+    #[arg(long, env = "LOOKOUT_RETENTION_MAX_EVENTS")]
+    retention_max_events: Option<u64>,
 }
 
 impl ServeArgs {
@@ -109,6 +118,7 @@ impl ServeArgs {
             api_key: self.api_key.or(f.api_key),
             max_upload_mb: self.max_upload_mb.or(f.max_upload_mb),
             max_sessions: self.max_sessions.or(f.max_sessions),
+            max_connections: self.max_connections.or(f.max_connections),
             max_ws_message_kb: self.max_ws_message_kb.or(f.max_ws_message_kb),
             engine_queue: self.engine_queue.or(f.engine_queue),
             dtype: self.dtype.or(f.dtype),
@@ -119,6 +129,8 @@ impl ServeArgs {
             ice_servers: self.ice_servers.or(f.ice_servers),
             webrtc_udp_addrs: self.webrtc_udp_addrs.or(f.webrtc_udp_addrs),
             ws_start_timeout_s: self.ws_start_timeout_s.or(f.ws_start_timeout_s),
+            retention_days: self.retention_days.or(f.retention_days),
+            retention_max_events: self.retention_max_events.or(f.retention_max_events),
         })
     }
 }
@@ -161,11 +173,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.filter(|k| !k.is_empty()),
         max_upload_bytes: args.max_upload_mb.unwrap_or(512).saturating_mul(1 << 20),
         max_sessions: args.max_sessions.unwrap_or(d.max_sessions).max(1),
+        max_connections: args.max_connections.unwrap_or(d.max_connections).max(1),
         ws_start_timeout,
         max_ws_message_bytes: args.max_ws_message_kb.unwrap_or(64).max(1) * 1024,
         engine_queue: args.engine_queue.unwrap_or(8).max(1),
         allow_private_urls: args.allow_private_urls.unwrap_or(false),
         live,
+        retention: protocol::Retention {
+            days: Some(args.retention_days.unwrap_or(d.retention.days.unwrap_or(30)).max(1)),
+            max_events: Some(args.retention_max_events.unwrap_or(d.retention.max_events.unwrap_or(100_000)).max(1)),
+        },
+        retention_every: d.retention_every,
         webrtc,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;

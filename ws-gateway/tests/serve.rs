@@ -428,6 +428,11 @@ async fn openapi_and_docs_are_served_from_the_binary() {
         "/v1/chat/completions",
         "/v1/ws",
         "/metrics",
+        "/v1/watches",
+        "/v1/monitors",
+        "/v1/monitors/{id}",
+        "/v1/monitors/{id}/events",
+        "/v1/events/{id}/thumbnail.jpg",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }

@@ -11,6 +11,7 @@
 //!
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
+mod monitors;
 mod openai;
 mod rest;
 mod session;
@@ -23,8 +24,8 @@ pub use ingest::webrtc::{IceServer, WebrtcConfig};
 pub(crate) use uploads::new_id;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -49,8 +50,10 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Largest accepted upload, bytes.
     pub max_upload_bytes: u64,
-    /// Concurrent WebSocket sessions.
+    /// Concurrent analysis sessions: watches started over WebSockets (subscriptions are not counted).
     pub max_sessions: usize,
+    /// Concurrent WebSocket connections of any kind (subscriptions included).
+    pub max_connections: usize,
     /// Longest wait for a WebSocket's `start` or `subscribe` before it is closed.
     pub ws_start_timeout: std::time::Duration,
     /// Largest WebSocket message from a client, bytes.
@@ -61,6 +64,10 @@ pub struct ServeConfig {
     pub allow_private_urls: bool,
     /// Live sources (RTSP).
     pub live: LiveConfig,
+    /// History limits of monitors that set none.
+    pub retention: protocol::Retention,
+    /// Between retention passes over every monitor's history.
+    pub retention_every: std::time::Duration,
     /// WebRTC ingest (WHIP).
     pub webrtc: WebrtcConfig,
 }
@@ -75,11 +82,14 @@ impl Default for ServeConfig {
             api_key: None,
             max_upload_bytes: 512 << 20,
             max_sessions: 8,
+            max_connections: 256,
             ws_start_timeout: std::time::Duration::from_secs(30),
             max_ws_message_bytes: 64 * 1024,
             engine_queue: 8,
             allow_private_urls: false,
             live: LiveConfig::default(),
+            retention: crate::monitors::MonitorOptions::default().retention,
+            retention_every: crate::monitors::MonitorOptions::default().retention_every,
             webrtc: WebrtcConfig::default(),
         }
     }
@@ -126,7 +136,11 @@ pub(crate) enum ModelState {
 /// Shared state of the service.
 pub(crate) struct AppState {
     pub(crate) config: Arc<ServeConfig>,
-    pub(crate) model: RwLock<ModelState>,
+    /// The model's state; monitors wait on it for the model to load.
+    pub(crate) model: watch::Sender<ModelState>,
+    /// Open WebSocket connections.
+    pub(crate) connections: AtomicUsize,
+    /// Watches started by `start` and still running (limited by `max_sessions`).
     pub(crate) sessions: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_session: AtomicUsize,
@@ -134,6 +148,28 @@ pub(crate) struct AppState {
     pub(crate) whip: Arc<ingest::webrtc::Whip>,
     /// The running watches.
     pub(crate) watches: crate::watch::Watches,
+    /// The monitors and their history.
+    pub(crate) monitors: crate::monitors::Monitors,
+}
+
+/// Waits on the model's state for monitors.
+struct ModelWaiter(watch::Receiver<ModelState>);
+
+impl crate::monitors::Models for ModelWaiter {
+    fn ready(&self) -> futures_util::future::BoxFuture<'_, Result<Arc<dyn crate::watch::Analyzer>, String>> {
+        let mut rx = self.0.clone();
+        Box::pin(async move {
+            let state =
+                rx.wait_for(|s| !matches!(s, ModelState::Loading)).await.map_err(|_| "the server is stopping")?;
+            match &*state {
+                ModelState::Ready(e) => Ok(Arc::new(e.clone()) as Arc<dyn crate::watch::Analyzer>),
+                ModelState::Failed(e) => Err(format!("the model failed to load: {e}")),
+                #[cfg(test)]
+                ModelState::Fake(a) => Ok(a.clone()),
+                ModelState::Loading => Err("the model is still loading".to_owned()),
+            }
+        })
+    }
 }
 
 impl AppState {
@@ -143,23 +179,39 @@ impl AppState {
         whip: Arc<ingest::webrtc::Whip>,
         sources: Arc<dyn crate::watch::Sources>,
         shutdown: watch::Receiver<bool>,
+        store: crate::store::Store,
     ) -> Self {
         let options =
             crate::watch::WatchOptions { first_frame_timeout: config.live.first_frame_timeout, ..Default::default() };
+        let watches = crate::watch::Watches::new(sources, options);
+        let model = watch::Sender::new(ModelState::Loading);
+        let monitor_options = crate::monitors::MonitorOptions {
+            retention: config.retention,
+            retention_every: config.retention_every,
+            ..Default::default()
+        };
+        let monitors = crate::monitors::Monitors::new(
+            store,
+            watches.clone(),
+            Arc::new(ModelWaiter(model.subscribe())),
+            monitor_options,
+        );
         AppState {
             config,
-            model: RwLock::new(ModelState::Loading),
+            model,
+            connections: AtomicUsize::new(0),
             sessions: AtomicUsize::new(0),
             shutdown,
             next_session: AtomicUsize::new(1),
             metrics: Metrics::default(),
             whip,
-            watches: crate::watch::Watches::new(sources, options),
+            watches,
+            monitors,
         }
     }
 
     pub(crate) fn engine(&self) -> Result<inference::Engine, ApiFailure> {
-        match &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.model.borrow() {
             ModelState::Ready(e) => Ok(e.clone()),
             ModelState::Loading => Err(ApiFailure::unavailable("the model is still loading; see /v1/health")),
             ModelState::Failed(e) => Err(ApiFailure::unavailable(&format!("the model failed to load: {e}"))),
@@ -171,7 +223,7 @@ impl AppState {
     /// What watches analyse windows with.
     pub(crate) fn analyzer(&self) -> Result<Arc<dyn crate::watch::Analyzer>, ApiFailure> {
         #[cfg(test)]
-        if let ModelState::Fake(a) = &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
+        if let ModelState::Fake(a) = &*self.model.borrow() {
             return Ok(a.clone());
         }
         Ok(Arc::new(self.engine()?))
@@ -195,6 +247,23 @@ impl ApiFailure {
     }
     pub(crate) fn unavailable(m: &str) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, m)
+    }
+    /// An error of this kind, with the status the kind has.
+    pub(crate) fn of(code: ErrorCode, m: impl Into<String>) -> Self {
+        Self::new(status_of(code), code, m)
+    }
+}
+
+/// The HTTP status of an error kind: decided here, once.
+pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Source => StatusCode::BAD_GATEWAY,
+        ErrorCode::Model | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -220,7 +289,7 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiFailure> {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
-    let (status, error) = match &*state.model.read().unwrap_or_else(|e| e.into_inner()) {
+    let (status, error) = match &*state.model.borrow() {
         ModelState::Loading => (HealthStatus::Loading, None),
         ModelState::Ready(_) => (HealthStatus::Ready, None),
         ModelState::Failed(e) => (HealthStatus::Failed, Some(e.clone())),
@@ -331,6 +400,12 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/frame.jpg", get(session::frame_jpeg))
         .route("/v1/watches", get(session::watches))
         .route("/v1/watches/{id}/frame.jpg", get(session::frame_jpeg))
+        .route("/v1/monitors", post(monitors::create).get(monitors::list))
+        .route("/v1/monitors/{id}", get(monitors::get).patch(monitors::patch).delete(monitors::delete))
+        .route("/v1/monitors/{id}/events", get(monitors::events))
+        .route("/v1/monitors/{id}/events.jsonl", get(monitors::export))
+        .route("/v1/monitors/{id}/frame.jpg", get(monitors::frame))
+        .route("/v1/events/{id}/thumbnail.jpg", get(monitors::thumbnail))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
@@ -352,9 +427,16 @@ pub async fn serve(
     std::fs::create_dir_all(config.data_dir.join("uploads"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let whip = ingest::webrtc::Whip::new(config.webrtc.clone());
+    let store = crate::store::Store::open(&config.data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the store under {}: {e}", config.data_dir.display()))?;
     let config = Arc::new(config);
     let sources = Arc::new(sources::ServerSources { config: config.clone(), whip: whip.clone() });
-    let state = Arc::new(AppState::new(config, whip, sources, shutdown_rx));
+    let state = Arc::new(AppState::new(config, whip, sources, shutdown_rx, store));
+    let resumed = state.monitors.start_all().await?;
+    if resumed > 0 {
+        tracing::info!(monitors = resumed, "monitors started");
+    }
     // Load on a blocking thread; health says "loading" meanwhile.
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -371,26 +453,28 @@ pub async fn serve(
                 ModelState::Failed(e.to_string())
             }
         };
-        *loader.model.write().unwrap_or_else(|e| e.into_inner()) = next;
+        loader.model.send_replace(next);
     });
     let app = router(state.clone());
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let watches = state.watches.clone();
+    let monitors = state.monitors.clone();
     let listener = axum::serve::ListenerExt::tap_io(listener, tune_connection);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
             tracing::info!("shutting down: ending sessions and watches");
             let _ = shutdown_tx.send(true);
-            // Every watch ends (its clients are told why) and its threads are joined; the
-            // connections then close and the server stops.
+            // Monitors stop (their history flushed), then every other watch ends (its clients
+            // are told why) and its threads are joined; the connections then close.
+            monitors.shutdown().await;
             watches.shutdown().await;
         })
         .await?;
     state.whip.close_all().await;
-    let open = state.sessions.load(Ordering::Relaxed);
+    let open = state.connections.load(Ordering::Relaxed);
     if open > 0 {
-        tracing::info!(open, "sessions still closing");
+        tracing::info!(open, "connections still closing");
     }
     Ok(())
 }

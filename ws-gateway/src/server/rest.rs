@@ -298,7 +298,18 @@ pub(crate) async fn metrics(
     let mut line = |name: &str, kind: &str, help: &str, v: u64| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
     };
-    line("lookout_sessions_active", "gauge", "Open WebSocket sessions.", state.sessions.load(Ordering::Relaxed) as u64);
+    line(
+        "lookout_connections_active",
+        "gauge",
+        "Open WebSocket connections.",
+        state.connections.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "lookout_sessions_active",
+        "gauge",
+        "Watches started over WebSockets and running.",
+        state.sessions.load(Ordering::Relaxed) as u64,
+    );
     line("lookout_sessions_total", "counter", "WebSocket sessions started.", m.sessions.load(Ordering::Relaxed));
     let w = state.watches.totals();
     line("lookout_watches_active", "gauge", "Running watches.", state.watches.len() as u64);
@@ -328,6 +339,30 @@ pub(crate) async fn metrics(
         "REST inference requests answered.",
         m.requests.load(Ordering::Relaxed),
     );
+    let h = state.monitors.history().stats();
+    line("lookout_monitors", "gauge", "Stored monitors.", state.monitors.len() as u64);
+    line(
+        "lookout_history_events_written_total",
+        "counter",
+        "History events stored.",
+        h.written.load(Ordering::Relaxed),
+    );
+    line(
+        "lookout_history_events_dropped_total",
+        "counter",
+        "Finished windows not stored (the writer was behind, or storing failed).",
+        h.dropped.load(Ordering::Relaxed),
+    );
+    line(
+        "lookout_history_insert_microseconds_total",
+        "counter",
+        "Time from a window's end to its event stored, summed (divide by the events written).",
+        h.latency_us.load(Ordering::Relaxed),
+    );
+    match state.monitors.store().disk_bytes().await {
+        Ok(b) => line("lookout_history_bytes", "gauge", "Disk used by the history (database and thumbnails).", b),
+        Err(e) => tracing::warn!(error = %e, "cannot measure the history's disk use"),
+    }
     if let Ok(engine) = state.engine() {
         let s = engine.stats();
         line(

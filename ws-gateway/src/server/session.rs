@@ -49,9 +49,14 @@ pub(crate) async fn frame_jpeg(
         return e.into_response();
     }
     let Some(frame) = state.watches.get(&id).and_then(|w| w.progress.latest()) else {
-        return ApiFailure::new(StatusCode::NOT_FOUND, ErrorCode::BadRequest, format!("no frame of watch {id:?} yet"))
+        return ApiFailure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no frame of watch {id:?} yet"))
             .into_response();
     };
+    jpeg_response(frame).await
+}
+
+/// A frame as a JPEG answer (encoded on a blocking thread).
+pub(crate) async fn jpeg_response(frame: ingest::Frame) -> Response {
     let encoded = tokio::task::spawn_blocking(move || {
         let (w, h) = (u16::try_from(frame.width), u16::try_from(frame.height));
         let (Ok(w), Ok(h)) = (w, h) else { return Err("the frame is too large for JPEG".to_owned()) };
@@ -94,13 +99,13 @@ pub(crate) async fn ws(
     if let Err(e) = super::authorized_or_query(&state, &headers, &q) {
         return e.into_response();
     }
-    let open = state.sessions.fetch_add(1, Ordering::SeqCst);
-    if open >= state.config.max_sessions {
-        state.sessions.fetch_sub(1, Ordering::SeqCst);
+    let open = state.connections.fetch_add(1, Ordering::SeqCst);
+    if open >= state.config.max_connections {
+        state.connections.fetch_sub(1, Ordering::SeqCst);
         return ApiFailure::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Overloaded,
-            format!("all {} sessions are in use; try again later", state.config.max_sessions),
+            format!("all {} connections are in use; try again later", state.config.max_connections),
         )
         .into_response();
     }
@@ -124,7 +129,7 @@ pub(crate) async fn ws(
         });
         let incoming = stream.filter_map(|m| futures_util::future::ready(Incoming::from_ws(m)));
         run(state.clone(), sink, incoming).instrument(tracing::info_span!("session", id = %id)).await;
-        state.sessions.fetch_sub(1, Ordering::SeqCst);
+        state.connections.fetch_sub(1, Ordering::SeqCst);
     })
 }
 
@@ -306,17 +311,33 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
                 return Err(Ending::new(EndReason::Rejected, e));
             }
         };
+        let Some(slot) = SessionSlot::take(self.state) else {
+            let max = self.state.config.max_sessions;
+            let e = format!(
+                "all {max} analysis sessions are in use; try again later (subscribing to a watch or monitor is not limited by this)"
+            );
+            self.out.send(err(ErrorCode::Overloaded, &e, true)).await?;
+            return Err(Ending::new(EndReason::Rejected, e));
+        };
         let on_drop = Stop::new(EndReason::ClientClosed, "the client that started this watch closed its connection");
-        let (owner, sub) = self.state.watches.start(spec, analyzer, on_drop);
+        let (owner, sub) = self.state.watches.start(spec, analyzer, on_drop, None);
         tracing::info!(watch = %owner.shared().id, "watch started");
-        Ok(Following { sub, owner: Some(owner) })
+        Ok(Following { sub, owner: Some(owner), _slot: Some(slot) })
     }
 
     /// Follows a running watch; the error is the reason for the client.
     fn subscribe(&self, watch: Option<String>, monitor: Option<String>) -> Result<(Following, ServerMessage), String> {
         let id = match (watch, monitor) {
             (Some(w), None) => w,
-            (None, Some(m)) => return Err(format!("no monitor {m:?}")),
+            (None, Some(m)) => {
+                let (sub, status) = self
+                    .state
+                    .monitors
+                    .subscribe(&m)
+                    .ok_or_else(|| format!("no monitor {m:?}; GET /v1/monitors lists them"))?;
+                let prompt = status.watch_prompt().unwrap_or_default();
+                return Ok((Following { sub, owner: None, _slot: None }, status.subscribed(&m, prompt)));
+            }
             _ => return Err("subscribe needs exactly one of \"watch\" and \"monitor\"".into()),
         };
         let shared = self
@@ -326,7 +347,27 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
             .ok_or_else(|| format!("no running watch {id:?}; GET /v1/watches lists them"))?;
         // Subscribe before describing the watch, so that nothing published in between is lost.
         let sub = shared.hub.subscribe();
-        Ok((Following { sub, owner: None }, shared.subscribed()))
+        Ok((Following { sub, owner: None, _slot: None }, shared.subscribed()))
+    }
+}
+
+/// One of the `max_sessions` slots for watches started by `start`, given back when dropped.
+struct SessionSlot(Arc<AppState>);
+
+impl SessionSlot {
+    fn take(state: &Arc<AppState>) -> Option<SessionSlot> {
+        let open = state.sessions.fetch_add(1, Ordering::SeqCst);
+        if open >= state.config.max_sessions {
+            state.sessions.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(SessionSlot(state.clone()))
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -334,6 +375,7 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
 struct Following {
     sub: Subscription,
     owner: Option<WatchHandle>,
+    _slot: Option<SessionSlot>,
 }
 
 impl Following {

@@ -229,10 +229,10 @@ impl Store {
         .bind(m.updated_ms)
         .execute(&self.pool)
         .await;
-        self.name_taken(r, &m.name).map(drop)
+        Self::name_taken(r, &m.name).map(drop)
     }
 
-    fn name_taken<T>(&self, r: Result<T, sqlx::Error>, name: &str) -> Result<T, StoreError> {
+    fn name_taken<T>(r: Result<T, sqlx::Error>, name: &str) -> Result<T, StoreError> {
         match r {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::NameTaken(name.to_owned())),
             other => Ok(other?),
@@ -256,7 +256,7 @@ impl Store {
         .bind(m.updated_ms)
         .execute(&self.pool)
         .await;
-        Ok(self.name_taken(r, &m.name)?.rows_affected() == 1)
+        Ok(Self::name_taken(r, &m.name)?.rows_affected() == 1)
     }
 
     /// Deletes a monitor, its events and their thumbnails; false if there is no such monitor.

@@ -168,6 +168,37 @@ impl Default for WatchOptions {
     }
 }
 
+/// A window that was analysed to the end, for whoever keeps history.
+#[derive(Debug, Clone)]
+pub(crate) struct WindowRecord {
+    /// Window id within the watch.
+    pub(crate) window: u64,
+    /// Stream time of its first frame.
+    pub(crate) start_s: f64,
+    /// Stream time of its last frame.
+    pub(crate) end_s: f64,
+    /// Wall-clock time of its first frame, ms since the epoch.
+    pub(crate) started_ms: i64,
+    /// The prompt it was asked.
+    pub(crate) prompt: String,
+    /// The answer.
+    pub(crate) text: String,
+    /// `stop` or `length`.
+    pub(crate) finish_reason: String,
+    /// Token counts.
+    pub(crate) usage: protocol::Usage,
+    /// Timings.
+    pub(crate) timings: protocol::Timings,
+    /// Its last frame, resized: `(width, height, rgb)`.
+    pub(crate) thumbnail: (u32, u32, Vec<u8>),
+}
+
+/// Told of every finished window (it must not block: queue and return).
+pub(crate) trait Observer: Send + Sync + 'static {
+    /// A window was analysed to the end.
+    fn window_done(&self, record: WindowRecord);
+}
+
 /// Why a watch is asked to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Stop {
@@ -296,6 +327,7 @@ struct Task {
     sources: Arc<dyn Sources>,
     options: WatchOptions,
     totals: Arc<Totals>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>, fatal: bool) -> ServerMessage {
@@ -512,6 +544,9 @@ impl Task {
     ) -> Option<Stop> {
         let shared = &self.shared;
         let frames = w.frame_ids.len();
+        // The window's first frame was shown this long before its last one arrived (now).
+        let started_ms = crate::store::now_ms() - ((w.end_s - w.start_s).max(0.0) * 1000.0) as i64;
+        let prompt = shared.prompt();
         shared.hub.publish(ServerMessage::Window {
             id: w.index,
             start_s: w.start_s,
@@ -520,7 +555,7 @@ impl Task {
             grid_thw: w.clip.grid_thw,
         });
         let request = inference::Request {
-            messages: vec![inference::processor::Message::user_video(&shared.prompt())],
+            messages: vec![inference::processor::Message::user_video(&prompt)],
             videos: vec![inference::VideoInput {
                 pixel_values: w.clip.pixel_values,
                 grid_thw: w.clip.grid_thw,
@@ -528,6 +563,8 @@ impl Task {
             }],
             generation: self.spec.generation.clone(),
         };
+        let shape = (w.clip.grid_thw[2] as u32 * 16, w.clip.grid_thw[1] as u32 * 16);
+        let thumbnail = (shape.0, shape.1, w.last_rgb);
         let mut events = match self.analyzer.submit(request) {
             Ok(rx) => rx,
             Err(e) => {
@@ -550,12 +587,27 @@ impl Task {
                     self.totals.windows.fetch_add(1, Ordering::Relaxed);
                     self.totals.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                     shared.windows.fetch_add(1, Ordering::Relaxed);
+                    let (usage, timings) = (crate::server::wire_usage(usage), crate::server::wire_timings(timings));
+                    if let Some(o) = &self.observer {
+                        o.window_done(WindowRecord {
+                            window: w.index,
+                            start_s: w.start_s,
+                            end_s: w.end_s,
+                            started_ms,
+                            prompt,
+                            text: text.clone(),
+                            finish_reason: finish_reason.as_str().into(),
+                            usage,
+                            timings,
+                            thumbnail,
+                        });
+                    }
                     shared.hub.publish(ServerMessage::WindowDone {
                         window: w.index,
                         text,
                         finish_reason: finish_reason.as_str().into(),
-                        usage: crate::server::wire_usage(usage),
-                        timings: crate::server::wire_timings(timings),
+                        usage,
+                        timings,
                     });
                     return None;
                 }

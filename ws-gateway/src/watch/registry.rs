@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use protocol::{EndReason, WatchState};
 use tokio::sync::watch;
 
-use super::{Analyzer, Shared, Sources, Stop, Subscription, Task, Totals, WatchHandle, WatchOptions, WatchSpec};
+use super::{
+    Analyzer, Observer, Shared, Sources, Stop, Subscription, Task, Totals, WatchHandle, WatchOptions, WatchSpec,
+};
 
 struct Entry {
     shared: Arc<Shared>,
@@ -47,14 +49,15 @@ impl Watches {
         &self.0.totals
     }
 
-    /// Starts a watch of `spec` analysed by `analyzer`. The returned handle owns it (dropping
-    /// the handle stops it with `on_drop`); the subscription, made before the watch runs, sees
-    /// every one of its events.
+    /// Starts a watch of `spec` analysed by `analyzer`, telling `observer` of each finished
+    /// window. The returned handle owns it (dropping the handle stops it with `on_drop`); the
+    /// subscription, made before the watch runs, sees every one of its events.
     pub(crate) fn start(
         &self,
         spec: WatchSpec,
         analyzer: Arc<dyn Analyzer>,
         on_drop: Stop,
+        observer: Option<Arc<dyn Observer>>,
     ) -> (WatchHandle, Subscription) {
         let id = format!("s{}", self.0.next_id.fetch_add(1, Ordering::Relaxed));
         let (stop, stop_rx) = watch::channel(None);
@@ -79,6 +82,7 @@ impl Watches {
             sources: self.0.sources.clone(),
             options: self.0.options.clone(),
             totals: self.0.totals.clone(),
+            observer,
         };
         // Registered before it runs, so that its removal at the end cannot come first.
         self.lock().insert(id.clone(), Entry { shared: shared.clone(), task: None });

@@ -79,7 +79,7 @@ fn ended(events: &[ServerMessage]) -> (EndReason, String) {
 async fn three_clients_watching_one_source_get_the_same_windows_and_tokens() {
     let (watches, sources) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(5, Duration::from_millis(5));
-    let (owner, mut first) = watches.start(spec_at("clip:10:2", 20.0, 2.0, 2.0), analyzer, client_closed());
+    let (owner, mut first) = watches.start(spec_at("clip:10:2", 20.0, 2.0, 2.0), analyzer, client_closed(), None);
     let id = owner.shared().id.clone();
     let mut second = watches.get(&id).unwrap().hub.subscribe();
     let mut third = watches.get(&id).unwrap().hub.subscribe();
@@ -105,7 +105,7 @@ async fn a_client_that_never_reads_is_told_it_lagged_and_the_others_keep_their_p
     let (watches, _) = registry(WatchOptions::default());
     // Long answers: far more events than a subscriber's bound.
     let analyzer = FakeAnalyzer::new(400, Duration::from_micros(500));
-    let (owner, mut reader) = watches.start(spec_at("clip:8:2", 20.0, 2.0, 2.0), analyzer, client_closed());
+    let (owner, mut reader) = watches.start(spec_at("clip:8:2", 20.0, 2.0, 2.0), analyzer, client_closed(), None);
     let mut stalled = watches.get(&owner.shared().id).unwrap().hub.subscribe();
     let events = all(&mut reader).await;
     // The reader missed nothing: every token of both windows.
@@ -125,19 +125,20 @@ async fn clips_shorter_than_a_window_and_clip_ends_are_analysed() {
     let (watches, _) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(2, Duration::from_millis(1));
     // A 3 s clip with 4 s windows: one window of its 6 frames.
-    let (_owner, mut sub) = watches.start(spec_at("clip:6:2", 20.0, 4.0, 2.0), analyzer.clone(), client_closed());
+    let (_owner, mut sub) = watches.start(spec_at("clip:6:2", 20.0, 4.0, 2.0), analyzer.clone(), client_closed(), None);
     let events = all(&mut sub).await;
     let w = windows(&events);
     assert_eq!(w.len(), 1);
     assert_eq!((w[0].0, w[0].1, w[0].2), (0.0, 2.5, 6));
     assert!(events.iter().any(|e| matches!(e, ServerMessage::WindowDone { .. })));
     // A 10 s clip with 4 s windows: windows over 0-4, 4-8 and 8-10 s.
-    let (_owner, mut sub) = watches.start(spec_at("clip:20:2", 20.0, 4.0, 2.0), analyzer.clone(), client_closed());
+    let (_owner, mut sub) =
+        watches.start(spec_at("clip:20:2", 20.0, 4.0, 2.0), analyzer.clone(), client_closed(), None);
     let w = windows(&all(&mut sub).await);
     let spans: Vec<(f64, f64, usize)> = w.iter().map(|w| (w.0, w.1, w.2)).collect();
     assert_eq!(spans, [(0.0, 3.5, 8), (4.0, 7.5, 8), (8.0, 9.5, 4)]);
     // One sampled frame: nothing to analyse, and `ended` says why.
-    let (_owner, mut sub) = watches.start(spec_at("clip:1:2", 20.0, 4.0, 2.0), analyzer, client_closed());
+    let (_owner, mut sub) = watches.start(spec_at("clip:1:2", 20.0, 4.0, 2.0), analyzer, client_closed(), None);
     let events = all(&mut sub).await;
     assert!(windows(&events).is_empty());
     let (reason, message) = ended(&events);
@@ -149,7 +150,7 @@ async fn clips_shorter_than_a_window_and_clip_ends_are_analysed() {
 async fn a_new_prompt_applies_from_the_next_window() {
     let (watches, _) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(3, Duration::from_millis(20));
-    let (owner, mut sub) = watches.start(spec_at("clip:12:2", 10.0, 2.0, 2.0), analyzer.clone(), client_closed());
+    let (owner, mut sub) = watches.start(spec_at("clip:12:2", 10.0, 2.0, 2.0), analyzer.clone(), client_closed(), None);
     // Change the prompt while the first window is being answered.
     loop {
         if let ServerMessage::Token { .. } = *sub.next().await.unwrap() {
@@ -166,7 +167,7 @@ async fn a_new_prompt_applies_from_the_next_window() {
 async fn stopping_ends_the_watch_at_once_and_joins_its_stages() {
     let (watches, sources) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(1000, Duration::from_millis(100));
-    let (owner, mut sub) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed());
+    let (owner, mut sub) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed(), None);
     loop {
         if let ServerMessage::Token { .. } = *sub.next().await.unwrap() {
             break;
@@ -187,7 +188,7 @@ async fn stopping_ends_the_watch_at_once_and_joins_its_stages() {
 async fn dropping_the_owner_ends_the_watch_for_its_subscribers() {
     let (watches, _) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(1000, Duration::from_millis(100));
-    let (owner, _own) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed());
+    let (owner, _own) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed(), None);
     let mut viewer = watches.get(&owner.shared().id).unwrap().hub.subscribe();
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(owner);
@@ -200,20 +201,20 @@ async fn live_sources_say_their_size_with_the_first_frame_or_time_out() {
     let options = WatchOptions { first_frame_timeout: Duration::from_secs(20), ..Default::default() };
     let (watches, _) = registry(options);
     let analyzer = FakeAnalyzer::new(1, Duration::from_millis(1));
-    let (_o, mut sub) = watches.start(spec("live:4:2", 2.0, 2.0), analyzer.clone(), client_closed());
+    let (_o, mut sub) = watches.start(spec("live:4:2", 2.0, 2.0), analyzer.clone(), client_closed(), None);
     match &*sub.next().await.unwrap() {
         ServerMessage::Ready { source, .. } => assert_eq!((source.width, source.codec.as_str()), (64, "synthetic")),
         other => panic!("{other:?}"),
     }
     let started = tokio::time::Instant::now();
-    let (_o, mut sub) = watches.start(spec("silent", 2.0, 2.0), analyzer.clone(), client_closed());
+    let (_o, mut sub) = watches.start(spec("silent", 2.0, 2.0), analyzer.clone(), client_closed(), None);
     let events = all(&mut sub).await;
     assert!(started.elapsed() >= Duration::from_secs(20));
     assert!(
         matches!(&events[0], ServerMessage::Error { fatal: true, message, .. } if message.contains("no video arrived"))
     );
     assert_eq!(ended(&events).0, EndReason::SourceFailed);
-    let (_o, mut sub) = watches.start(spec("fail", 2.0, 2.0), analyzer, client_closed());
+    let (_o, mut sub) = watches.start(spec("fail", 2.0, 2.0), analyzer, client_closed(), None);
     let events = all(&mut sub).await;
     assert!(matches!(&events[0], ServerMessage::Error { fatal: true, .. }));
     assert_eq!(ended(&events).0, EndReason::SourceFailed);
@@ -223,8 +224,8 @@ async fn live_sources_say_their_size_with_the_first_frame_or_time_out() {
 async fn status_reports_the_ingest_rate_and_shutdown_stops_every_watch() {
     let (watches, sources) = registry(WatchOptions::default());
     let analyzer = FakeAnalyzer::new(2, Duration::from_millis(10));
-    let (_a, mut sub) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer.clone(), client_closed());
-    let (_b, _) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed());
+    let (_a, mut sub) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer.clone(), client_closed(), None);
+    let (_b, _) = watches.start(spec("live:100000:10", 2.0, 2.0), analyzer, client_closed(), None);
     let mut rates = Vec::new();
     while rates.len() < 3 {
         if let ServerMessage::Status { ingest_fps, .. } = *sub.next().await.unwrap() {

@@ -11,11 +11,18 @@ use super::{Incoming, run};
 use crate::server::{AppState, ModelState, ServeConfig};
 use crate::watch::fake::{FakeAnalyzer, SyntheticSources};
 
-fn state(config: ServeConfig) -> (Arc<AppState>, tokio::sync::watch::Sender<bool>) {
+async fn state(config: ServeConfig) -> (Arc<AppState>, tokio::sync::watch::Sender<bool>) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lookout-session-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let store = crate::store::Store::open(&dir).await.unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let whip = ingest::webrtc::Whip::new(Default::default());
-    let state = AppState::new(Arc::new(config), whip, Arc::new(SyntheticSources::default()), rx);
-    *state.model.write().unwrap() = ModelState::Fake(FakeAnalyzer::new(3, Duration::from_millis(2)));
+    let state = AppState::new(Arc::new(config), whip, Arc::new(SyntheticSources::default()), rx, store);
+    state.model.send_replace(ModelState::Fake(FakeAnalyzer::new(3, Duration::from_millis(2))));
     (Arc::new(state), tx)
 }
 
@@ -77,7 +84,7 @@ fn start(id: &str) -> ClientMessage {
 
 #[tokio::test]
 async fn a_started_watch_streams_and_ends_with_a_typed_reason() {
-    let (state, _stop) = state(ServeConfig::default());
+    let (state, _stop) = state(ServeConfig::default()).await;
     let mut c = Client::connect(&state);
     c.to_server.send(Incoming::Bad("invalid message: x".into())).await.unwrap();
     assert!(matches!(c.recv().await, ServerMessage::Error { code: ErrorCode::BadRequest, fatal: false, .. }));
@@ -92,7 +99,7 @@ async fn a_started_watch_streams_and_ends_with_a_typed_reason() {
 
 #[tokio::test]
 async fn subscribers_follow_a_running_watch_but_only_its_owner_steers_it() {
-    let (state, _stop) = state(ServeConfig::default());
+    let (state, _stop) = state(ServeConfig::default()).await;
     let mut owner = Client::connect(&state);
     owner.send(start("live:100000:10")).await;
     let ServerMessage::Ready { session, .. } = owner.recv().await else { panic!() };
@@ -139,7 +146,7 @@ async fn subscribers_follow_a_running_watch_but_only_its_owner_steers_it() {
 
 #[tokio::test]
 async fn an_owner_that_leaves_ends_the_watch_for_its_viewers() {
-    let (state, _stop) = state(ServeConfig::default());
+    let (state, _stop) = state(ServeConfig::default()).await;
     let mut owner = Client::connect(&state);
     owner.send(start("live:100000:10")).await;
     let ServerMessage::Ready { session, .. } = owner.recv().await else { panic!() };
@@ -152,10 +159,12 @@ async fn an_owner_that_leaves_ends_the_watch_for_its_viewers() {
     owner.session.await.unwrap();
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_connection_that_never_starts_is_closed_after_the_deadline() {
     let config = ServeConfig { ws_start_timeout: Duration::from_secs(25), ..ServeConfig::default() };
-    let (state, _stop) = state(config);
+    let (state, _stop) = state(config).await;
+    // The store is open (its pool's timeouts are real time); the session's clock is paused.
+    tokio::time::pause();
     let mut c = Client::connect(&state);
     let t = tokio::time::Instant::now();
     let events = c.until_ended().await;
@@ -171,7 +180,7 @@ async fn a_connection_that_never_starts_is_closed_after_the_deadline() {
 
 #[tokio::test]
 async fn bad_settings_and_server_shutdown_end_sessions_with_their_reasons() {
-    let (state, stop) = state(ServeConfig::default());
+    let (state, stop) = state(ServeConfig::default()).await;
     let mut c = Client::connect(&state);
     let mut bad = start("clip:8:2");
     if let ClientMessage::Start { window, .. } = &mut bad {
@@ -187,4 +196,30 @@ async fn bad_settings_and_server_shutdown_end_sessions_with_their_reasons() {
     stop.send(true).unwrap();
     let events = waiting.until_ended().await;
     assert!(matches!(events.last(), Some(ServerMessage::Ended { reason: EndReason::Shutdown, .. })));
+}
+
+#[tokio::test]
+async fn analysis_sessions_are_limited_but_subscriptions_are_not() {
+    let (state, _stop) = state(ServeConfig { max_sessions: 1, ..ServeConfig::default() }).await;
+    let mut first = Client::connect(&state);
+    first.send(start("live:100000:10")).await;
+    let ServerMessage::Ready { session, .. } = first.recv().await else { panic!() };
+    let mut second = Client::connect(&state);
+    second.send(start("live:100000:10")).await;
+    let events = second.until_ended().await;
+    assert!(
+        matches!(&events[0], ServerMessage::Error { fatal: true, message, .. } if message.contains("all 1 analysis sessions"))
+    );
+    assert!(matches!(events.last(), Some(ServerMessage::Ended { reason: EndReason::Rejected, .. })));
+    // Following the running watch needs no slot.
+    let mut viewer = Client::connect(&state);
+    viewer.send(ClientMessage::Subscribe { watch: Some(session), monitor: None }).await;
+    assert!(matches!(viewer.recv().await, ServerMessage::Subscribed { .. }));
+    // Once the first ends, its slot is free again.
+    first.send(ClientMessage::Stop {}).await;
+    first.until_ended().await;
+    first.session.await.unwrap();
+    let mut third = Client::connect(&state);
+    third.send(start("clip:4:2")).await;
+    assert!(matches!(third.recv().await, ServerMessage::Ready { .. }));
 }

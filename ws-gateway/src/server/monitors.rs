@@ -1,0 +1,366 @@
+//! The monitors API: `/v1/monitors` (create, list, read, change, delete), a monitor's history
+//! (`/v1/monitors/{id}/events`, `.jsonl` export) and event thumbnails.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use protocol::{ErrorCode, Event, EventPage, Monitor, MonitorList, MonitorPatch, MonitorRequest, Source};
+
+use super::{ApiFailure, AppState, authorized};
+use crate::store::{EventQuery, EventRow, MonitorRow, Store, StoreError};
+
+/// Longest monitor name.
+const MAX_NAME: usize = 200;
+
+impl From<StoreError> for ApiFailure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(_) => ApiFailure::of(ErrorCode::Conflict, e.to_string()),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiFailure::of(ErrorCode::Internal, "the history store failed; the server log says why")
+            }
+        }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_default()
+}
+
+fn parse_time(s: &str, what: &str) -> Result<i64, ApiFailure> {
+    s.parse::<jiff::Timestamp>().map(|t| t.as_millisecond()).map_err(|e| {
+        ApiFailure::bad_request(format!("{what}={s:?} is not an RFC 3339 time (such as 2026-12-01T08:00:00Z): {e}"))
+    })
+}
+
+fn not_found(id: &str) -> ApiFailure {
+    ApiFailure::of(ErrorCode::NotFound, format!("no monitor {id:?}; GET /v1/monitors lists them"))
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
+    serde_json::from_slice(body).map_err(|e| ApiFailure::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// An event as the API shows it.
+pub(crate) fn wire_event(e: EventRow) -> Event {
+    Event {
+        id: e.id,
+        monitor: e.event.monitor,
+        window: e.event.window,
+        start_s: e.event.start_s,
+        end_s: e.event.end_s,
+        started_at: rfc3339(e.event.started_ms),
+        prompt: e.event.prompt,
+        text: e.event.text,
+        finish_reason: e.event.finish_reason,
+        usage: e.event.usage,
+        timings: e.event.timings,
+        thumbnail: e.thumbnail.map(|_| format!("/v1/events/{}/thumbnail.jpg", e.id)),
+    }
+}
+
+impl AppState {
+    /// Checks what a monitor is asked to run; the error says what to change.
+    fn check_monitor(&self, row: &MonitorRow) -> Result<(), ApiFailure> {
+        let name = row.name.trim();
+        if name.is_empty() || name.len() > MAX_NAME || name.len() != row.name.len() {
+            return Err(ApiFailure::bad_request(format!(
+                "a monitor's name must be 1 to {MAX_NAME} characters without leading or trailing spaces"
+            )));
+        }
+        match &row.source {
+            Source::Upload { id, .. } => {
+                if !super::uploads::upload_path(&self.config.data_dir, id).is_some_and(|p| p.is_file()) {
+                    return Err(ApiFailure::bad_request(format!("no upload with id {id:?}; POST /v1/uploads first")));
+                }
+            }
+            Source::Rtsp { url, .. } => {
+                ingest::rtsp::CameraUrl::parse(url).map_err(ApiFailure::bad_request)?;
+            }
+            Source::Url { url, .. } => {
+                let u = url::Url::parse(url).map_err(|e| ApiFailure::bad_request(format!("invalid url: {e}")))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(ApiFailure::bad_request("a URL source must be http:// or https://"));
+                }
+            }
+            Source::Webrtc { .. } => {
+                return Err(ApiFailure::bad_request(
+                    "a WHIP stream ends with its publisher and gets a new id each time, so it cannot be monitored: \
+                     monitor an RTSP camera, or analyse the stream with a WebSocket start",
+                ));
+            }
+        }
+        let params = super::generation(&row.generation, 128);
+        crate::watch::WatchSpec::new(row.source.clone(), row.prompt.clone(), &row.window, params)
+            .map_err(ApiFailure::bad_request)?;
+        if row.retention.days == Some(0) || row.retention.max_events == Some(0) {
+            return Err(ApiFailure::bad_request("retention limits must be at least 1 (leave one out for the default)"));
+        }
+        Ok(())
+    }
+
+    /// A monitor as the API shows it.
+    async fn wire_monitor(&self, row: MonitorRow) -> Result<Monitor, ApiFailure> {
+        let store = self.monitors.store();
+        let events = store.count_events(&row.id).await?;
+        let last = store.events(&EventQuery { monitor: row.id.clone(), limit: 1, ..Default::default() }).await?;
+        let status = self.monitors.status(&row.id);
+        let (state, reason) = status.as_ref().map_or((protocol::WatchState::Ended, None), |s| s.state());
+        let counters =
+            status.as_ref().map_or(protocol::MonitorCounters { events, ..Default::default() }, |s| s.counters(events));
+        Ok(Monitor {
+            id: row.id,
+            name: row.name,
+            source: row.source.redacted(),
+            prompt: row.prompt,
+            window: row.window,
+            generation: row.generation,
+            enabled: row.enabled,
+            retention: Store::effective(row.retention, self.monitors.options().retention),
+            state,
+            reason,
+            watch: status.and_then(|s| s.watch_id()),
+            counters,
+            last_event: last.into_iter().next().map(wire_event),
+            created_at: rfc3339(row.created_ms),
+            updated_at: rfc3339(row.updated_ms),
+        })
+    }
+}
+
+/// `POST /v1/monitors`.
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiFailure> {
+    authorized(&state, &headers)?;
+    let req: MonitorRequest = json_body(&body)?;
+    let now = crate::store::now_ms();
+    let row = MonitorRow {
+        id: format!("m{}", super::new_id()),
+        name: req.name,
+        source: req.source,
+        prompt: req.prompt,
+        window: req.window.unwrap_or_default(),
+        generation: req.generation.unwrap_or_default(),
+        enabled: req.enabled.unwrap_or(true),
+        retention: req.retention.unwrap_or_default(),
+        created_ms: now,
+        updated_ms: now,
+    };
+    state.check_monitor(&row)?;
+    state.monitors.create(row.clone()).await?;
+    tracing::info!(monitor = %row.id, name = %row.name, source = ?row.source.redacted(), "monitor created");
+    let location = format!("/v1/monitors/{}", row.id);
+    let m = state.wire_monitor(row).await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(m)).into_response())
+}
+
+/// `GET /v1/monitors`.
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<MonitorList>, ApiFailure> {
+    authorized(&state, &headers)?;
+    let mut monitors = Vec::new();
+    for row in state.monitors.store().monitors().await? {
+        monitors.push(state.wire_monitor(row).await?);
+    }
+    Ok(axum::Json(MonitorList { monitors }))
+}
+
+/// `GET /v1/monitors/{id}`.
+pub(crate) async fn get(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Monitor>, ApiFailure> {
+    authorized(&state, &headers)?;
+    let row = state.monitors.store().monitor(&id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(axum::Json(state.wire_monitor(row).await?))
+}
+
+/// `PATCH /v1/monitors/{id}`.
+pub(crate) async fn patch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Monitor>, ApiFailure> {
+    authorized(&state, &headers)?;
+    let p: MonitorPatch = json_body(&body)?;
+    let mut row = state.monitors.store().monitor(&id).await?.ok_or_else(|| not_found(&id))?;
+    if let Some(v) = p.name {
+        row.name = v;
+    }
+    if let Some(v) = p.prompt {
+        row.prompt = v;
+    }
+    if let Some(v) = p.window {
+        row.window = v;
+    }
+    if let Some(v) = p.generation {
+        row.generation = v;
+    }
+    if let Some(v) = p.retention {
+        row.retention = v;
+    }
+    if let Some(v) = p.enabled {
+        row.enabled = v;
+    }
+    row.updated_ms = crate::store::now_ms();
+    state.check_monitor(&row)?;
+    if !state.monitors.update(row.clone()).await? {
+        return Err(not_found(&id));
+    }
+    Ok(axum::Json(state.wire_monitor(row).await?))
+}
+
+/// `DELETE /v1/monitors/{id}`: stops it, ends its viewers, removes its history.
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    authorized(&state, &headers)?;
+    if state.monitors.delete(&id).await? {
+        tracing::info!(monitor = %id, "monitor deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found(&id))
+    }
+}
+
+/// The query of `GET /v1/monitors/{id}/events`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsParams {
+    since: Option<String>,
+    until: Option<String>,
+    q: Option<String>,
+    limit: Option<u32>,
+    before: Option<String>,
+    api_key: Option<String>,
+}
+
+/// Most events in one page.
+const MAX_PAGE: u32 = 500;
+
+fn event_query(id: &str, p: &EventsParams) -> Result<EventQuery, ApiFailure> {
+    let limit = p.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiFailure::bad_request(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let before_id = match &p.before {
+        Some(b) => Some(
+            b.parse::<i64>()
+                .map_err(|_| ApiFailure::bad_request("before must be a `next` value of an earlier page"))?,
+        ),
+        None => None,
+    };
+    Ok(EventQuery {
+        monitor: id.to_owned(),
+        since_ms: p.since.as_deref().map(|s| parse_time(s, "since")).transpose()?,
+        until_ms: p.until.as_deref().map(|s| parse_time(s, "until")).transpose()?,
+        before_id,
+        text: p.q.clone().filter(|q| !q.trim().is_empty()),
+        limit,
+    })
+}
+
+fn params(q: Result<Query<EventsParams>, QueryRejection>) -> Result<EventsParams, ApiFailure> {
+    q.map(|Query(p)| p).map_err(|e| ApiFailure::bad_request(e.body_text()))
+}
+
+/// `GET /v1/monitors/{id}/events`: newest first, `next` for the following page.
+pub(crate) async fn events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: Result<Query<EventsParams>, QueryRejection>,
+) -> Result<axum::Json<EventPage>, ApiFailure> {
+    let p = params(q)?;
+    super::authorized_or_query(&state, &headers, &super::KeyQuery { api_key: p.api_key.clone() })?;
+    let store = state.monitors.store();
+    store.monitor(&id).await?.ok_or_else(|| not_found(&id))?;
+    let query = event_query(&id, &p)?;
+    let rows = store.events(&query).await?;
+    let next = (rows.len() == query.limit as usize).then(|| rows.last().map(|e| e.id.to_string())).flatten();
+    Ok(axum::Json(EventPage { events: rows.into_iter().map(wire_event).collect(), next }))
+}
+
+/// `GET /v1/monitors/{id}/events.jsonl`: the whole history, oldest first, one event per line.
+pub(crate) async fn export(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: Result<Query<EventsParams>, QueryRejection>,
+) -> Result<Response, ApiFailure> {
+    let p = params(q)?;
+    super::authorized_or_query(&state, &headers, &super::KeyQuery { api_key: p.api_key.clone() })?;
+    let store = state.monitors.store().clone();
+    store.monitor(&id).await?.ok_or_else(|| not_found(&id))?;
+    // Pages are read newest first; the export is written oldest first, a page at a time.
+    let mut pages: Vec<Vec<EventRow>> = Vec::new();
+    let mut query = EventQuery { monitor: id.clone(), limit: MAX_PAGE, ..Default::default() };
+    loop {
+        let page = store.events(&query).await?;
+        let full = page.len() == MAX_PAGE as usize;
+        query.before_id = page.last().map(|e| e.id);
+        pages.push(page);
+        if !full {
+            break;
+        }
+    }
+    let lines = pages.into_iter().rev().map(|page| {
+        let mut chunk = String::new();
+        for e in page.into_iter().rev() {
+            chunk.push_str(&serde_json::to_string(&wire_event(e)).unwrap_or_default());
+            chunk.push('\n');
+        }
+        Ok::<_, std::convert::Infallible>(chunk)
+    });
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(lines));
+    let disposition = format!("attachment; filename=\"{id}-events.jsonl\"");
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson".to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
+        .into_response())
+}
+
+/// `GET /v1/events/{id}/thumbnail.jpg`.
+pub(crate) async fn thumbnail(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<super::KeyQuery>,
+) -> Result<Response, ApiFailure> {
+    super::authorized_or_query(&state, &headers, &q)?;
+    let missing = || ApiFailure::of(ErrorCode::NotFound, format!("no thumbnail for event {id:?}"));
+    let event_id: i64 = id.parse().map_err(|_| missing())?;
+    let store = state.monitors.store();
+    let row = store.event(event_id).await?.ok_or_else(missing)?;
+    let file = row.thumbnail.ok_or_else(missing)?;
+    let bytes = tokio::fs::read(store.thumbnail_file(&file)).await.map_err(|_| missing())?;
+    Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "max-age=86400")], bytes).into_response())
+}
+
+/// `GET /v1/monitors/{id}/frame.jpg`: the monitor's newest analysed frame (its live thumbnail).
+pub(crate) async fn frame(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<super::KeyQuery>,
+) -> Response {
+    if let Err(e) = super::authorized_or_query(&state, &headers, &q) {
+        return e.into_response();
+    }
+    match state.monitors.status(&id).and_then(|s| s.latest_frame()) {
+        Some(frame) => super::session::jpeg_response(frame).await,
+        None => ApiFailure::of(ErrorCode::NotFound, format!("no frame of monitor {id:?} yet")).into_response(),
+    }
+}

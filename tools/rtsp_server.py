@@ -11,7 +11,9 @@ Serves live test patterns on 127.0.0.1:
 
 With --auth USER:PASSWORD every mount asks for those credentials.
 
-Each client gets its own pipeline (a live source starts at a key frame). Prints
+Each client gets its own pipeline (a live source starts at a key frame); with --shared every
+client of a mount shares one pipeline (many cameras' worth of clients on one encoder, for
+benchmarks of the server side). Prints
 "READY <port>" on stdout once listening. Run with Debian's Python (/usr/bin/python3): the gi
 bindings are Debian packages.
 """
@@ -30,10 +32,13 @@ H264 = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrat
 H265 = "x265enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate=1500 ! rtph265pay name=pay0 pt=96 config-interval=-1"
 
 
+SHARED = False
+
+
 def factory(launch):
     f = GstRtspServer.RTSPMediaFactory()
     f.set_launch("( " + launch + " )")
-    f.set_shared(False)
+    f.set_shared(SHARED)
     return f
 
 
@@ -41,7 +46,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8554)
     ap.add_argument("--auth", help="USER:PASSWORD required on every mount (Basic)")
+    ap.add_argument("--shared", action="store_true", help="one pipeline per mount for all its clients")
     args = ap.parse_args()
+    global SHARED
+    SHARED = args.shared
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
     server.set_address("127.0.0.1")

@@ -177,7 +177,16 @@ struct Job {
     request: Request,
     events: UnboundedSender<EngineEvent>,
     queued_at: Instant,
+    /// The job's place in the queue, given back when the engine takes it.
+    slot: Option<Slot>,
 }
+
+/// A place in the engine's queue ([`Engine::reserve`]); dropping it gives the place back.
+#[derive(Debug)]
+pub struct Slot(
+    // Held, never read: dropping it releases the place.
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 /// A handle to the engine thread. Clones share the engine; when the last one is dropped the thread
 /// finishes its current request and exits.
@@ -185,6 +194,8 @@ struct Job {
 pub struct Engine {
     jobs: SyncSender<Job>,
     queue: usize,
+    /// One permit per place in the queue: waiters are served first come, first served.
+    places: Arc<tokio::sync::Semaphore>,
     info: Arc<EngineInfo>,
     processor: Arc<Processor>,
     stats: Arc<EngineStats>,
@@ -228,7 +239,8 @@ impl Engine {
             })
             .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
         let (info, processor) = ready_rx.recv().map_err(|_| Error::Stopped)??;
-        Ok(Engine { jobs: jobs_tx, queue, info, processor, stats })
+        let places = Arc::new(tokio::sync::Semaphore::new(queue));
+        Ok(Engine { jobs: jobs_tx, queue, places, info, processor, stats })
     }
 
     /// What the engine has done so far.
@@ -246,18 +258,31 @@ impl Engine {
         &self.processor
     }
 
-    /// Queues a request. The receiver yields `Queued`, then tokens, then `Done` or `Failed`.
-    /// Dropping the receiver cancels the request.
+    /// Queues a request if the queue has room. The receiver yields `Queued`, then tokens, then
+    /// `Done` or `Failed`. Dropping the receiver cancels the request.
     pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<EngineEvent>, Error> {
+        let slot = self.places.clone().try_acquire_owned().map_err(|_| Error::QueueFull(self.queue))?;
+        self.submit_in(Slot(slot), request)
+    }
+
+    /// Waits for a place in the queue. Waiters get places in the order they asked, so a client
+    /// that just finished a request does not jump ahead of one that has been waiting.
+    pub async fn reserve(&self) -> Result<Slot, Error> {
+        self.places.clone().acquire_owned().await.map(Slot).map_err(|_| Error::Stopped)
+    }
+
+    /// Queues a request in a place reserved with [`reserve`](Self::reserve).
+    pub fn submit_in(&self, slot: Slot, request: Request) -> Result<UnboundedReceiver<EngineEvent>, Error> {
         request.generation.sampling.validate().map_err(Error::Input)?;
         if request.generation.max_tokens == 0 {
             return Err(Error::Input("max_tokens must be at least 1".into()));
         }
         let (tx, rx) = unbounded_channel();
         let _ = tx.send(EngineEvent::Queued);
-        let job = Job { request, events: tx, queued_at: Instant::now() };
+        let job = Job { request, events: tx, queued_at: Instant::now(), slot: Some(slot) };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(rx),
+            // Places never outnumber the channel's capacity.
             Err(TrySendError::Full(_)) => Err(Error::QueueFull(self.queue)),
             Err(TrySendError::Disconnected(_)) => Err(Error::Stopped),
         }
@@ -310,7 +335,9 @@ impl Worker {
     }
 
     fn run(self, jobs: Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
+        while let Ok(mut job) = jobs.recv() {
+            // Taken off the queue: its place goes to the next waiter.
+            drop(job.slot.take());
             if job.events.is_closed() {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue; // cancelled while queued

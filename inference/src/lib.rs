@@ -32,7 +32,7 @@ pub mod vision;
 pub use candle_core::DType;
 pub use device::{DeviceChoice, parse_dtype};
 pub use engine::{
-    Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Request, Timings, Usage, VideoInput,
+    Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Request, Slot, Timings, Usage, VideoInput,
 };
 
 /// Everything that can go wrong in this crate, by fault.

@@ -181,6 +181,13 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
             Err(ureq::Error::Status(c, _)) => c,
             Err(e) => panic!("{e}"),
         };
+        let guarded = [
+            code(format!("http://{base}/v1/monitors")),
+            code(format!("http://{base}/v1/watches")),
+            code(format!("http://{base}/v1/monitors/x/events")),
+            code(format!("http://{base}/v1/events/1/thumbnail.jpg")),
+        ];
+        assert_eq!(guarded, [401; 4], "the monitor routes need the key");
         (code(format!("http://{base}/docs")), code(format!("http://{base}/docs?api_key=sekrit")))
     })
     .await

@@ -13,7 +13,7 @@ use ingest::ring::RingEnd;
 use protocol::{ErrorCode, Source, SourceInfo};
 use tokio::sync::mpsc;
 
-use super::{Analyzer, Feed, Opened, SourceError, Sources};
+use super::{Analyzer, Feed, Opened, Reservation, SourceError, Sources};
 
 /// Synthetic sources, chosen by the upload id (and paced at the upload's `speed`):
 /// - `clip:N:FPS`: N frames of 64x64 at FPS frames/s of stream time, then the end of stream;
@@ -94,16 +94,25 @@ impl Sources for SyntheticSources {
     }
 }
 
-/// Answers every window with `tokens` pieces, `every` apart, and remembers each prompt.
+/// Answers every window with `tokens` pieces, `every` apart, and remembers each prompt. With a
+/// queue, at most that many requests are in hand at once (the rest wait for a place, first come
+/// first served, as with the engine).
 pub(crate) struct FakeAnalyzer {
     pub(crate) tokens: usize,
     pub(crate) every: Duration,
-    pub(crate) prompts: Mutex<Vec<String>>,
+    pub(crate) prompts: Arc<Mutex<Vec<String>>>,
+    places: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeAnalyzer {
     pub(crate) fn new(tokens: usize, every: Duration) -> Arc<Self> {
-        Arc::new(FakeAnalyzer { tokens, every, prompts: Mutex::new(Vec::new()) })
+        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places: None })
+    }
+
+    /// One that serves `places` requests at a time.
+    pub(crate) fn with_queue(tokens: usize, every: Duration, places: usize) -> Arc<Self> {
+        let places = Some(Arc::new(tokio::sync::Semaphore::new(places)));
+        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places })
     }
 }
 
@@ -112,7 +121,29 @@ impl Analyzer for FakeAnalyzer {
         "fake".into()
     }
 
-    fn submit(&self, request: inference::Request) -> Result<mpsc::UnboundedReceiver<EngineEvent>, inference::Error> {
+    fn reserve(&self) -> BoxFuture<'_, Result<Reservation, inference::Error>> {
+        let prompts = self.prompts.clone();
+        let (n, every) = (self.tokens, self.every);
+        let places = self.places.clone();
+        Box::pin(async move {
+            let place = match places {
+                Some(p) => Some(p.acquire_owned().await.map_err(|_| inference::Error::Stopped)?),
+                None => None,
+            };
+            Ok(Reservation::new(move |request| Ok(answer(&prompts, n, every, request, place))))
+        })
+    }
+}
+
+/// The fake's answer to one request.
+fn answer(
+    prompts: &Mutex<Vec<String>>,
+    n: usize,
+    every: Duration,
+    request: inference::Request,
+    place: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> mpsc::UnboundedReceiver<EngineEvent> {
+    {
         use inference::processor::{Content, Part};
         let prompt = match request.messages.first().map(|m| &m.content) {
             Some(Content::Parts(parts)) => parts
@@ -126,10 +157,10 @@ impl Analyzer for FakeAnalyzer {
             None => String::new(),
         };
         let frames = request.videos.first().map_or(0, |v| v.grid_thw[0] * 2);
-        self.prompts.lock().unwrap().push(prompt);
+        prompts.lock().unwrap().push(prompt);
         let (tx, rx) = mpsc::unbounded_channel();
-        let (n, every) = (self.tokens, self.every);
         tokio::spawn(async move {
+            let _place = place;
             let _ = tx.send(EngineEvent::Queued);
             let mut text = String::new();
             for i in 0..n {
@@ -149,6 +180,6 @@ impl Analyzer for FakeAnalyzer {
                 timings: Timings::default(),
             });
         });
-        Ok(rx)
+        rx
     }
 }

@@ -45,15 +45,32 @@ use tracing::Instrument;
 pub(crate) use hub::Subscription;
 pub(crate) use registry::Watches;
 
+/// A request's events; dropping the receiver cancels the request.
+pub(crate) type Events = tokio::sync::mpsc::UnboundedReceiver<EngineEvent>;
+
+type SubmitFn = Box<dyn FnOnce(inference::Request) -> Result<Events, inference::Error> + Send>;
+
+/// A place in the analyzer's queue: what is submitted with it is queued at once.
+pub(crate) struct Reservation(SubmitFn);
+
+impl Reservation {
+    /// A reservation that submits with `f`.
+    pub(crate) fn new(f: impl FnOnce(inference::Request) -> Result<Events, inference::Error> + Send + 'static) -> Self {
+        Reservation(Box::new(f))
+    }
+
+    /// Queues `request` in this place.
+    pub(crate) fn submit(self, request: inference::Request) -> Result<Events, inference::Error> {
+        (self.0)(request)
+    }
+}
+
 /// What analyses windows: the engine, or a fake in unit tests.
 pub(crate) trait Analyzer: Send + Sync + 'static {
     /// The model's name.
     fn model(&self) -> String;
-    /// Queues a request; dropping the receiver cancels it.
-    fn submit(
-        &self,
-        request: inference::Request,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<EngineEvent>, inference::Error>;
+    /// Waits for a place in the queue; waiters are served first come, first served.
+    fn reserve(&self) -> BoxFuture<'_, Result<Reservation, inference::Error>>;
 }
 
 impl Analyzer for inference::Engine {
@@ -61,11 +78,12 @@ impl Analyzer for inference::Engine {
         self.info().model.clone()
     }
 
-    fn submit(
-        &self,
-        request: inference::Request,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<EngineEvent>, inference::Error> {
-        inference::Engine::submit(self, request)
+    fn reserve(&self) -> BoxFuture<'_, Result<Reservation, inference::Error>> {
+        Box::pin(async move {
+            let slot = inference::Engine::reserve(self).await?;
+            let engine = self.clone();
+            Ok(Reservation::new(move |request| engine.submit_in(slot, request)))
+        })
     }
 }
 
@@ -487,8 +505,13 @@ impl Task {
                         });
                     }
                     if let Some(w) = pending {
+                        let (w, reservation) = match self.reserve(w, mailbox, stop_rx).await {
+                            Ok(Some(r)) => r,
+                            Ok(None) => continue,
+                            Err(s) => return s,
+                        };
                         last_window_end_ms = (w.end_s * 1000.0) as u64;
-                        if let Some(s) = self.window(w, stop_rx).await {
+                        if let Some(s) = self.window(w, reservation, stop_rx).await {
                             return s;
                         }
                         // A window may have arrived while this one ran.
@@ -536,10 +559,36 @@ impl Task {
         }
     }
 
+    /// Waits for a place in the engine's queue for window `w`. A window cut meanwhile replaces it
+    /// (the newest wins; the replaced one is counted as skipped). `Err` if the watch must stop;
+    /// `Ok(None)` if the engine refused.
+    async fn reserve(
+        &self,
+        w: sampler::stream::StreamWindow,
+        mailbox: &windows::Mailbox,
+        stop_rx: &mut watch::Receiver<Option<Stop>>,
+    ) -> Result<Option<(sampler::stream::StreamWindow, Reservation)>, Stop> {
+        let reservation = tokio::select! {
+            biased;
+            s = stopped(stop_rx) => return Err(s),
+            r = self.analyzer.reserve() => r,
+        };
+        let reservation = match reservation {
+            Ok(r) => r,
+            Err(e) => {
+                self.totals.refused.fetch_add(1, Ordering::Relaxed);
+                self.shared.hub.publish(error(ErrorCode::Overloaded, e.to_string(), false));
+                return Ok(None);
+            }
+        };
+        Ok(Some((mailbox.take_newer().unwrap_or(w), reservation)))
+    }
+
     /// Analyses one window, publishing its events. Returns `Some` if the watch must stop.
     async fn window(
         &self,
         w: sampler::stream::StreamWindow,
+        reservation: Reservation,
         stop_rx: &mut watch::Receiver<Option<Stop>>,
     ) -> Option<Stop> {
         let shared = &self.shared;
@@ -565,7 +614,7 @@ impl Task {
         };
         let shape = (w.clip.grid_thw[2] as u32 * 16, w.clip.grid_thw[1] as u32 * 16);
         let thumbnail = (shape.0, shape.1, w.last_rgb);
-        let mut events = match self.analyzer.submit(request) {
+        let mut events = match reservation.submit(request) {
             Ok(rx) => rx,
             Err(e) => {
                 self.totals.refused.fetch_add(1, Ordering::Relaxed);

@@ -252,3 +252,62 @@ fn bad_window_settings_are_refused_before_anything_runs() {
     .unwrap_err();
     assert!(e.contains("window.fps"), "{e}");
 }
+
+#[tokio::test]
+async fn a_window_waiting_for_the_engine_is_replaced_by_a_newer_one_never_refused() {
+    let (watches, _) = registry(WatchOptions::default());
+    // One place; each answer takes longer than two windows of the stream.
+    let analyzer = FakeAnalyzer::with_queue(4, Duration::from_millis(60), 1);
+    let (_o, mut sub) = watches.start(spec_at("clip:40:2", 20.0, 1.0, 2.0), analyzer, client_closed(), None);
+    let events = all(&mut sub).await;
+    assert!(!events.iter().any(|e| matches!(e, ServerMessage::Error { .. })), "a window was refused: {events:?}");
+    let skipped: u64 = events
+        .iter()
+        .filter_map(|e| if let ServerMessage::Skipped { windows, .. } = e { Some(*windows) } else { None })
+        .sum();
+    let analysed: Vec<u64> =
+        events.iter().filter_map(|e| if let ServerMessage::Window { id, .. } = e { Some(*id) } else { None }).collect();
+    assert!(skipped > 0, "{events:?}");
+    // 20 windows were cut: each was analysed or skipped, and the analysed ones go forward.
+    assert_eq!(analysed.len() as u64 + skipped, 20, "{analysed:?} + {skipped}");
+    assert!(analysed.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(analysed.last(), Some(&19), "the newest window wins");
+}
+
+#[tokio::test]
+async fn watches_sharing_a_busy_engine_each_get_their_share() {
+    let (watches, _) = registry(WatchOptions::default());
+    // One place for six live streams whose windows all come due together.
+    let analyzer = FakeAnalyzer::with_queue(3, Duration::from_millis(20), 1);
+    let mut subs = Vec::new();
+    let mut owners = Vec::new();
+    for _ in 0..6 {
+        let (o, s) = watches.start(spec_at("live:100000:10", 5.0, 1.0, 2.0), analyzer.clone(), client_closed(), None);
+        owners.push(o);
+        subs.push(s);
+    }
+    let done = Arc::new(std::sync::Mutex::new(vec![0usize; 6]));
+    let mut tasks = Vec::new();
+    for (i, mut s) in subs.into_iter().enumerate() {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = s.next().await {
+                match &*m {
+                    ServerMessage::WindowDone { .. } => done.lock().unwrap()[i] += 1,
+                    ServerMessage::Error { message, .. } => panic!("watch {i}: {message}"),
+                    _ => {}
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts = done.lock().unwrap().clone();
+    // First come, first served: nobody starves, and the shares are even.
+    let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+    assert!(min >= 3, "{counts:?}");
+    assert!(max - min <= 2, "{counts:?}");
+    drop(owners);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

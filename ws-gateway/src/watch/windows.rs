@@ -71,6 +71,14 @@ impl Mailbox {
         (w, end)
     }
 
+    /// A window cut while the one taken last waited for the engine: it replaces that one,
+    /// which is counted as skipped.
+    pub(crate) fn take_newer(&self) -> Option<StreamWindow> {
+        let newer = self.lock().window.take()?;
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        Some(newer)
+    }
+
     /// Windows dropped so far because a newer one replaced them.
     pub(crate) fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)

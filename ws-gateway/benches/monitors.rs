@@ -194,7 +194,17 @@ fn history(n: u64) {
             percentile(&mut lat, 0.99),
             n as f64 / total
         );
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()) as f64 / 1048576.0;
+        println!(
+            "  before a checkpoint: database {:.1} MiB, write-ahead log {:.1} MiB",
+            size("lookout.db"),
+            size("lookout.db-wal")
+        );
+        let busy = store.checkpoint().await.unwrap();
+        println!("  checkpoint busy: {busy}");
         let bytes = store.disk_bytes().await.unwrap();
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()) as f64 / 1048576.0;
+        println!("  database {:.1} MiB, write-ahead log {:.1} MiB", size("lookout.db"), size("lookout.db-wal"));
         println!(
             "history on disk: {:.1} MiB ({:.0} bytes per event)",
             bytes as f64 / 1048576.0,

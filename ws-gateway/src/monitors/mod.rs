@@ -281,6 +281,12 @@ impl Monitors {
             if let Err(e) = self.prune_all().await {
                 tracing::warn!(error = %e, "retention pass failed");
             }
+            // The same pass keeps the write-ahead log short (see `Store::checkpoint`).
+            match self.0.store.checkpoint().await {
+                Ok(true) => tracing::debug!("checkpoint incomplete: a reader held the log"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
+            }
         }
     }
 

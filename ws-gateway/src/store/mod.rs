@@ -15,6 +15,11 @@
 //! sqlx was chosen over rusqlite: it is async (no blocking calls on the runtime, no writer
 //! thread of our own), and the same API, pool and migrator serve SQLite now and PostgreSQL for
 //! several nodes.
+//!
+//! Every query is read to its end (`fetch_all`, never `fetch_one` or `fetch_optional`): those
+//! leave SQLite's cached statement un-reset, which keeps its transaction open until the
+//! statement is next used, so an insert was not yet committed and no checkpoint could pass it
+//! (the write-ahead log grew without bound). The retention pass also truncates the log.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -196,7 +201,10 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Checkpoint every 1000 pages, and keep the log file at most 64 MiB after one.
+            .pragma("wal_autocheckpoint", "1000")
+            .pragma("journal_size_limit", "67108864");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         Migrator::new(Embedded(SQLITE_MIGRATIONS)).await?.run(&pool).await?;
         let store = Store { pool, dir: data_dir.to_owned() };
@@ -305,7 +313,7 @@ impl Store {
 
     /// One monitor.
     pub async fn monitor(&self, id: &str) -> Result<Option<MonitorRow>, StoreError> {
-        let row = sqlx::query("SELECT * FROM monitors WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT * FROM monitors WHERE id = $1").bind(id).fetch_all(&self.pool).await?.pop();
         row.as_ref().map(Self::monitor_row).transpose()
     }
 
@@ -321,7 +329,9 @@ impl Store {
             tokio::fs::rename(&tmp, self.thumbnail_path(&name)).await?;
             file = Some((name, jpeg.len() as i64));
         }
-        let id: i64 = sqlx::query_scalar(
+        // `fetch_all`, not `fetch_one`: the statement runs to its end, so that SQLite commits
+        // (and checkpoints) now rather than when the cached statement is next reset.
+        let ids: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO events (monitor_id, window_id, start_s, end_s, started_ms, prompt, text, finish_reason, \
              prompt_tokens, completion_tokens, timings, thumbnail, thumbnail_bytes) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
@@ -339,14 +349,14 @@ impl Store {
         .bind(json(&e.timings))
         .bind(file.as_ref().map(|f| f.0.clone()))
         .bind(file.as_ref().map_or(0, |f| f.1))
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .inspect_err(|_| {
             if let Some((name, _)) = &file {
                 let _ = std::fs::remove_file(self.thumbnail_path(name));
             }
         })?;
-        Ok(id)
+        ids.first().copied().ok_or(StoreError::Corrupt("an insert returned no id".into()))
     }
 
     fn event_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, StoreError> {
@@ -375,35 +385,46 @@ impl Store {
     }
 
     /// A page of a monitor's history, newest first.
+    ///
+    /// Only the filters given become conditions: a `($n IS NULL OR ...)` form would keep SQLite
+    /// from using the time index. A text search drives the query from the full-text index (the
+    /// rare word is found first, then its events), which is the one dialect-specific part: FTS5's
+    /// MATCH here, a tsvector in PostgreSQL.
     pub async fn events(&self, q: &EventQuery) -> Result<Vec<EventRow>, StoreError> {
+        let columns = EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
+        let mut sql = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("SELECT {columns} FROM "));
         let search = q.text.as_deref().and_then(fts_query);
-        // The one dialect-specific part: FTS5's MATCH (PostgreSQL would use a tsvector).
-        let text_filter = if search.is_some() {
-            "AND id IN (SELECT rowid FROM events_fts WHERE events_fts MATCH $5)"
-        } else {
-            "AND ($5 IS NULL)"
-        };
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE monitor_id = $1 \
-             AND ($2 IS NULL OR started_ms >= $2) AND ($3 IS NULL OR started_ms < $3) \
-             AND ($4 IS NULL OR id < $4) {text_filter} ORDER BY id DESC LIMIT $6"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&q.monitor)
-            .bind(q.since_ms)
-            .bind(q.until_ms)
-            .bind(q.before_id)
-            .bind(search)
-            .bind(i64::from(q.limit))
-            .fetch_all(&self.pool)
-            .await?;
+        // Ordered by the index that drives the query, so that the planner walks it.
+        let order = if search.is_some() { "f.rowid" } else { "e.id" };
+        match search {
+            Some(search) => {
+                sql.push("events_fts f JOIN events e ON e.id = f.rowid WHERE events_fts MATCH ");
+                sql.push_bind(search);
+                sql.push(" AND e.monitor_id = ");
+            }
+            None => {
+                sql.push("events e WHERE e.monitor_id = ");
+            }
+        }
+        sql.push_bind(&q.monitor);
+        if let Some(since) = q.since_ms {
+            sql.push(" AND e.started_ms >= ").push_bind(since);
+        }
+        if let Some(until) = q.until_ms {
+            sql.push(" AND e.started_ms < ").push_bind(until);
+        }
+        if let Some(before) = q.before_id {
+            sql.push(format!(" AND {order} < ")).push_bind(before);
+        }
+        sql.push(format!(" ORDER BY {order} DESC LIMIT ")).push_bind(i64::from(q.limit));
+        let rows = sql.build().fetch_all(&self.pool).await?;
         rows.iter().map(Self::event_row).collect()
     }
 
     /// One event.
     pub async fn event(&self, id: i64) -> Result<Option<EventRow>, StoreError> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql).bind(id).fetch_all(&self.pool).await?.pop();
         row.as_ref().map(Self::event_row).transpose()
     }
 
@@ -414,11 +435,12 @@ impl Store {
 
     /// How many events a monitor has.
     pub async fn count_events(&self, monitor: &str) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE monitor_id = $1")
+        let n: Option<i64> = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE monitor_id = $1")
             .bind(monitor)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
+            .fetch_all(&self.pool)
+            .await?
+            .pop();
+        Ok(n.unwrap_or(0) as u64)
     }
 
     /// Enforces a monitor's retention: events that started before `older_than_ms`, and all but
@@ -435,8 +457,9 @@ impl Store {
                 sqlx::query_scalar("SELECT id FROM events WHERE monitor_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2")
                     .bind(monitor)
                     .bind(k as i64)
-                    .fetch_optional(&self.pool)
+                    .fetch_all(&self.pool)
                     .await?
+                    .pop()
             }
             None => None,
         };
@@ -464,10 +487,23 @@ impl Store {
         Ok(Pruned { events: deleted.rows_affected(), thumbnails })
     }
 
+    /// Copies the write-ahead log into the database and truncates it (SQLite's own automatic
+    /// checkpoints never shrink the file, and a reader at the wrong moment starves them). Returns
+    /// whether a reader kept it from completing.
+    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_all(&self.pool).await?;
+        let row = row.first().ok_or_else(|| StoreError::Corrupt("a checkpoint returned nothing".into()))?;
+        let busy: i64 = row.try_get(0)?;
+        Ok(busy != 0)
+    }
+
     /// Bytes the history takes on disk: the database (with its write-ahead log) and thumbnails.
     pub async fn disk_bytes(&self) -> Result<u64, StoreError> {
-        let thumbs: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(thumbnail_bytes), 0) FROM events").fetch_one(&self.pool).await?;
+        let thumbs: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(thumbnail_bytes), 0) FROM events")
+            .fetch_all(&self.pool)
+            .await?
+            .pop()
+            .unwrap_or(0);
         let mut db = 0;
         for f in ["lookout.db", "lookout.db-wal"] {
             db += tokio::fs::metadata(self.dir.join(f)).await.map_or(0, |m| m.len());

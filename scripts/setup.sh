@@ -54,3 +54,12 @@ if command -v npm >/dev/null 2>&1; then
 else
   echo "setup: npm not found; the browser tests need Node.js and npm" >&2
 fi
+
+# API tests with the OpenAI Python SDK: a pinned virtual environment (made once).
+sdk=${LOOKOUT_SDK_VENV:-/opt/lookout-sdk}
+if ! cmp -s "$root/tools/sdk/requirements.txt" "$sdk/.lookout-requirements" 2>/dev/null; then
+  echo "setup: installing the OpenAI Python SDK into $sdk" >&2
+  python3 -m venv "$sdk"
+  "$sdk/bin/pip" install -q --disable-pip-version-check -r "$root/tools/sdk/requirements.txt"
+  cp "$root/tools/sdk/requirements.txt" "$sdk/.lookout-requirements"
+fi

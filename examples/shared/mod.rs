@@ -35,6 +35,9 @@ pub(crate) async fn print_session(ws: &mut Ws) -> Result<(), Box<dyn std::error:
             ServerMessage::WindowDone { finish_reason, usage, timings, .. } => {
                 println!("\n  ({finish_reason}, {} tokens, ttft {:.0} ms)", usage.completion_tokens, timings.ttft_ms)
             }
+            ServerMessage::Decided { path, value, .. } => {
+                print!(" [decided {}: {value}] ", if path.is_empty() { "answer" } else { path.as_str() })
+            }
             ServerMessage::Skipped { windows, reason } => println!("skipped {windows} windows: {reason}"),
             ServerMessage::Status { ingest_fps, frames_dropped, lag_ms } => {
                 eprintln!("status: ingest {ingest_fps:.1} frames/s, {frames_dropped} dropped, lag {lag_ms:.0} ms")

@@ -413,12 +413,14 @@ impl Component for Analyse {
                             w.text.push_str(&text);
                         }
                     }
-                    ServerMessage::WindowDone { window, text, finish_reason, usage, timings } => {
+                    ServerMessage::WindowDone { window, text, finish_reason, usage, timings, .. } => {
                         if let Some(w) = self.windows.iter_mut().rev().find(|w| w.id == window) {
                             w.text = text;
                             w.done = Some((finish_reason, usage, timings));
                         }
                     }
+                    // The window's text shows a constrained answer as it streams.
+                    ServerMessage::Decided { .. } => {}
                     ServerMessage::Skipped { windows, .. } => self.status.skipped += windows,
                     ServerMessage::Status { ingest_fps, frames_dropped, lag_ms } => {
                         self.status.ingest_fps = ingest_fps;

@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::Error;
+use crate::answer::{AnswerOutcome, AnswerSpec, Decision, LazyGrammars, MaskWorker};
 use crate::config::Config;
 use crate::device::DeviceChoice;
 use crate::files::{GenerationConfig, ModelFiles};
@@ -56,6 +57,11 @@ pub struct GenerationParams {
     pub capture: bool,
     /// Keep going past end-of-sequence tokens (benchmarks with a fixed length).
     pub ignore_eos: bool,
+    /// The shape the answer must have, enforced while decoding.
+    pub answer: Option<AnswerSpec>,
+    /// With `answer`: stop as soon as the whole answer is decided (a choice fixed by its first
+    /// letters), completing the text with what the grammar forces.
+    pub stop_when_decided: bool,
 }
 
 /// Counters of what the engine did.
@@ -140,6 +146,8 @@ pub enum EngineEvent {
         /// The text.
         text: String,
     },
+    /// Part of a constrained answer can no longer change (after the tokens that decided it).
+    Decided(Decision),
     /// Finished.
     Done {
         /// Why.
@@ -152,6 +160,8 @@ pub enum EngineEvent {
         usage: Usage,
         /// Timings.
         timings: Timings,
+        /// How a constrained answer ended (only with `answer`).
+        answer: Option<AnswerOutcome>,
     },
     /// The request failed; the engine carries on.
     Failed {
@@ -199,6 +209,7 @@ pub struct Engine {
     info: Arc<EngineInfo>,
     processor: Arc<Processor>,
     stats: Arc<EngineStats>,
+    grammars: Arc<LazyGrammars>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -212,12 +223,15 @@ struct Worker {
     processor: Arc<Processor>,
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
+    grammars: Arc<LazyGrammars>,
 }
+
+type Ready = Result<(Arc<EngineInfo>, Arc<Processor>, Arc<LazyGrammars>), Error>;
 
 impl Engine {
     /// Loads the model on a new engine thread and returns once it is ready (or failed to load).
     pub fn load(opts: LoadOptions) -> Result<Self, Error> {
-        let (ready_tx, ready_rx) = sync_channel::<Result<(Arc<EngineInfo>, Arc<Processor>), Error>>(1);
+        let (ready_tx, ready_rx) = sync_channel::<Ready>(1);
         let (jobs_tx, jobs_rx) = sync_channel::<Job>(opts.queue.max(1));
         let queue = opts.queue.max(1);
         let stats = Arc::new(EngineStats::default());
@@ -229,7 +243,7 @@ impl Engine {
                     .unwrap_or_else(|_| Err(Error::Model("loading the model panicked".into())));
                 match loaded {
                     Ok((worker, info)) => {
-                        let _ = ready_tx.send(Ok((info, worker.processor.clone())));
+                        let _ = ready_tx.send(Ok((info, worker.processor.clone(), worker.grammars.clone())));
                         worker.run(jobs_rx);
                     }
                     Err(e) => {
@@ -238,9 +252,9 @@ impl Engine {
                 }
             })
             .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
-        let (info, processor) = ready_rx.recv().map_err(|_| Error::Stopped)??;
+        let (info, processor, grammars) = ready_rx.recv().map_err(|_| Error::Stopped)??;
         let places = Arc::new(tokio::sync::Semaphore::new(queue));
-        Ok(Engine { jobs: jobs_tx, queue, places, info, processor, stats })
+        Ok(Engine { jobs: jobs_tx, queue, places, info, processor, stats, grammars })
     }
 
     /// What the engine has done so far.
@@ -251,6 +265,12 @@ impl Engine {
     /// Facts about the loaded model.
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// Compiles an answer shape (kept for the requests that use it), or says what is wrong with
+    /// it. CPU work of a few milliseconds: call it off the async runtime.
+    pub fn check_answer(&self, spec: &AnswerSpec) -> Result<(), Error> {
+        self.grammars.get().and_then(|g| g.check(spec)).map_err(Error::Input)
     }
 
     /// The model's processor (chat template and tokenizer).
@@ -331,7 +351,13 @@ impl Worker {
             generation: files.generation.clone(),
         });
         tracing::info!(model = %opts.model, device = %info.device, dtype = %info.dtype, "model loaded");
-        Ok((Worker { model, processor, eos, stats }, info))
+        let grammars = Arc::new(LazyGrammars::new(
+            files.tokenizer.clone(),
+            processor.tokenizer().clone(),
+            cfg.text_config.vocab_size,
+            eos.clone(),
+        ));
+        Ok((Worker { model, processor, eos, stats, grammars }, info))
     }
 
     fn run(self, jobs: Receiver<Job>) {
@@ -418,6 +444,18 @@ impl Worker {
         }
 
         let params = &generation;
+        // A constrained answer: its masks are computed on a helper thread, each while the model
+        // computes the logits it will apply to.
+        let constrained = match &params.answer {
+            Some(spec) => {
+                let c =
+                    self.grammars.get().and_then(|g| g.start(spec, params.stop_when_decided)).map_err(Error::Input)?;
+                Some(MaskWorker::start(c).map_err(|e| Error::Model(format!("cannot start the mask thread: {e}")))?)
+            }
+            None => None,
+        };
+        let mut decided: Option<Decision> = None;
+        let mut text_flushed = false;
         let mut sampler = Sampler::new(params.sampling.clone(), logits.len(), &prompt.ids);
         let mut stream = TokenStream::new(self.processor.clone());
         let mut stops = StopMatcher::new(&params.stop);
@@ -431,13 +469,26 @@ impl Worker {
             if events.is_closed() {
                 return Ok(()); // cancelled: the cache is dropped here
             }
+            if let Some(w) = &constrained {
+                crate::answer::apply(&w.mask().map_err(Error::Model)?, &mut logits);
+            }
             let token = sampler.sample(&mut logits);
             token_ids.push(token);
             if step == 0 {
                 ttft_ms = ms(started.elapsed());
                 first_at = Some(Instant::now());
             }
+            let consumed = match &constrained {
+                Some(w) => Some(w.consume(token).map_err(Error::Model)?),
+                None => None,
+            };
             if !params.ignore_eos && self.eos.contains(&token) {
+                if let Some(c) = consumed {
+                    // The end can decide a regex or a JSON answer.
+                    for d in c.decisions {
+                        let _ = events.send(EngineEvent::Decided(d));
+                    }
+                }
                 finish = FinishReason::Stop;
                 break;
             }
@@ -452,12 +503,39 @@ impl Worker {
                     break 'generate;
                 }
             }
+            if let Some(c) = consumed {
+                let mut rest = None;
+                for d in c.decisions {
+                    if d.path.is_empty() {
+                        rest = Some(d.rest.clone());
+                        decided = Some(d.clone());
+                    }
+                    let _ = events.send(EngineEvent::Decided(d));
+                }
+                if c.complete {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                if c.stop {
+                    // What the grammar forces after the decision, as if the model had said it.
+                    if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                        let mut flushed = stream.flush()?.unwrap_or_default();
+                        let (release, _) = stops.feed(&flushed);
+                        flushed = release + &stops.drain() + &rest;
+                        text.push_str(&flushed);
+                        let _ = events.send(EngineEvent::Token { text: flushed });
+                        text_flushed = true;
+                    }
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            }
             if step + 1 == params.max_tokens {
                 break;
             }
             logits = self.model.decode(token, position, &mut cache)?.to_vec1()?;
         }
-        if finish == FinishReason::Length || !stops.hit {
+        if !text_flushed && (finish == FinishReason::Length || !stops.hit) {
             let mut rest = stream.flush()?.unwrap_or_default();
             if !stops.hit {
                 let (release, _) = stops.feed(&rest);
@@ -474,7 +552,11 @@ impl Worker {
         };
         let usage = Usage { prompt_tokens: prompt.ids.len(), completion_tokens: token_ids.len() };
         let timings = Timings { queue_ms, vision_ms, prefill_ms, ttft_ms, decode_tok_s };
-        let _ = events.send(EngineEvent::Done { finish_reason: finish, text, token_ids, usage, timings });
+        let answer = constrained.and_then(MaskWorker::finish).map(|c| {
+            // Stopped on request at the decision, or ended by the grammar (or cut short).
+            if params.stop_when_decided { c.outcome(decided.as_ref()) } else { c.outcome(None) }
+        });
+        let _ = events.send(EngineEvent::Done { finish_reason: finish, text, token_ids, usage, timings, answer });
         Ok(())
     }
 }

@@ -8,6 +8,8 @@
 //!   cache).
 //! - [`processor::Processor`] renders the chat template, expands video placeholders with their
 //!   timestamps, tokenizes and computes 3-D positions ([`positions`]).
+//! - [`answer`] constrains answers while decoding (a choice, a regex, a JSON schema) with
+//!   llguidance and reports when an answer is decided.
 //! - [`engine::Engine`] owns a loaded model on its own thread and streams [`engine::EngineEvent`]s
 //!   for each request.
 //!
@@ -16,6 +18,7 @@
 #![deny(unsafe_code)]
 #![forbid(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod answer;
 pub mod config;
 pub mod device;
 pub mod engine;

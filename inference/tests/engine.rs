@@ -20,7 +20,15 @@ fn engine(name: &str, queue: usize) -> Engine {
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams { sampling: SamplingParams::greedy(), max_tokens, stop: vec![], capture: true, ignore_eos: false }
+    GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+        capture: true,
+        ignore_eos: false,
+        answer: None,
+        stop_when_decided: false,
+    }
 }
 
 #[test]
@@ -42,8 +50,9 @@ fn streams_tokens_that_add_up_to_the_answer() {
                 captured = true;
             }
             EngineEvent::Token { text } => streamed.push_str(&text),
-            EngineEvent::Done { text, token_ids, usage, finish_reason, timings } => {
+            EngineEvent::Done { text, token_ids, usage, finish_reason, timings, answer } => {
                 assert_eq!(streamed, text);
+                assert_eq!(answer, None, "unconstrained");
                 let ids: Vec<i64> = token_ids.iter().map(|&i| i as i64).collect();
                 assert_eq!(ids, r.ids("generated"));
                 assert_eq!(usage.completion_tokens, token_ids.len());

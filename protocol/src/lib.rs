@@ -107,6 +107,84 @@ pub struct GenerationSettings {
     /// Stop strings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// The shape the answer must have, enforced while decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerFormat>,
+    /// With `answer`: end the window's generation as soon as the whole answer is decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_when_decided: Option<bool>,
+}
+
+/// The shape an answer must have: `{"choice": ["yes", "no"]}`, `{"regex": "[0-9]{1,3}"}`,
+/// `{"json_schema": {...}}` or `{"json_object": {}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AnswerFormat {
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A string the regex matches as a whole.
+    Regex(String),
+    /// JSON valid against this schema.
+    JsonSchema(serde_json::Value),
+    /// Any JSON object.
+    JsonObject {},
+}
+
+/// OpenAI's `response_format`: `{"type": "json_schema", "json_schema": {"name", "schema",
+/// "strict"}}`, `{"type": "json_object"}` or `{"type": "text"}` (no constraint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text.
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: NamedSchema,
+    },
+}
+
+/// A named JSON schema of `response_format`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamedSchema {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The schema (any JSON value when left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode. The schema is enforced while decoding either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The answer shape it asks for.
+    pub fn answer(&self) -> Option<AnswerFormat> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(AnswerFormat::JsonObject {}),
+            ResponseFormat::JsonSchema { json_schema } => Some(AnswerFormat::JsonSchema(
+                json_schema.schema.clone().unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+            )),
+        }
+    }
+}
+
+/// How a constrained answer ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerResult {
+    /// The answer completed its grammar; false when it was cut (by `max_tokens` or a stop
+    /// string), and then there is no value.
+    pub complete: bool,
+    /// The answer as JSON (a string for a choice or a regex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
 }
 
 impl Source {
@@ -389,6 +467,19 @@ pub enum ServerMessage {
         usage: Usage,
         /// Timings.
         timings: Timings,
+        /// How the constrained answer ended (only with `generation.answer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<AnswerResult>,
+    },
+    /// Part of a window's constrained answer can no longer change: sent after the tokens that
+    /// decided it, before the window ends, so a client can act on it at once.
+    Decided {
+        /// Window id.
+        window: u64,
+        /// A JSON pointer into the answer (`/person`, `/cars/0`); empty for the whole answer.
+        path: String,
+        /// The value there.
+        value: serde_json::Value,
     },
     /// Windows were dropped because the model fell behind (the newest wins).
     Skipped {
@@ -660,6 +751,9 @@ pub struct UrlInferenceRequest {
     /// Most new tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
+    /// The shape the answer must have, as in OpenAI's chat API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// The answer of the REST inference endpoints.
@@ -675,6 +769,9 @@ pub struct InferenceResponse {
     pub usage: Usage,
     /// Timings, including preprocessing.
     pub timings: InferenceTimings,
+    /// How a constrained answer ended (only with `response_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerResult>,
 }
 
 /// Timings of a REST inference.

@@ -75,8 +75,7 @@ fn live(url: &str, seconds: u64, n: usize) {
         });
         let r = ureq::post(&format!("http://{base}/v1/monitors")).send_json(body);
         if let Err(e) = r {
-            eprintln!("creating monitor {i}: {e}");
-            std::process::exit(1);
+            panic!("creating monitor {i}: {e}");
         }
     }
     // Let every monitor connect and its first window go through.
@@ -103,7 +102,7 @@ fn live(url: &str, seconds: u64, n: usize) {
     let running = get(&format!("http://{base}/v1/monitors"))["monitors"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|m| m["state"] == "running").count());
-    println!("monitors: {n} on {url} ({running} running after {seconds} s), {:.0} s measured", dt);
+    println!("monitors: {n} on {url} ({running} running after {seconds} s), {dt:.0} s measured");
     println!("server CPU: {cores:.0} % of one core in all, {:.1} % per monitor", cores / n as f64);
     println!(
         "server memory: {:.0} MiB before the monitors, {:.0} MiB with them (peak {:.0}): {:.1} MiB per monitor",
@@ -260,8 +259,7 @@ fn main() {
         Some("live") if args.len() == 4 => live(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
         Some("history") => history(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(100_000)),
         _ => {
-            eprintln!("usage: monitors live RTSP_URL SECONDS N | monitors history [EVENTS]");
-            std::process::exit(2);
+            panic!("usage: monitors live RTSP_URL SECONDS N | monitors history [EVENTS]");
         }
     }
 }

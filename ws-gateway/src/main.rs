@@ -282,6 +282,8 @@ impl GenerationFlags {
             stop: self.stop.clone(),
             capture,
             ignore_eos: false,
+            answer: None,
+            stop_when_decided: false,
         }
     }
 }
@@ -397,7 +399,8 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
     let mut captured = None;
     while let Some(event) = events.blocking_recv() {
         match event {
-            inference::EngineEvent::Queued => {}
+            // The CLI asks for no answer shape, so nothing is decided.
+            inference::EngineEvent::Queued | inference::EngineEvent::Decided(_) => {}
             inference::EngineEvent::Captured { input_ids, logits } => captured = Some((input_ids, logits)),
             inference::EngineEvent::Token { text } => {
                 stdout.write_all(text.as_bytes())?;

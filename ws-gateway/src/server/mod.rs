@@ -328,7 +328,25 @@ pub(crate) fn generation(g: &protocol::GenerationSettings, default_max: usize) -
         stop: g.stop.clone(),
         capture: false,
         ignore_eos: false,
+        answer: g.answer.as_ref().map(answer_spec),
+        stop_when_decided: g.stop_when_decided.unwrap_or(false),
     }
+}
+
+/// The engine's answer shape from the wire's.
+pub(crate) fn answer_spec(a: &protocol::AnswerFormat) -> inference::answer::AnswerSpec {
+    use inference::answer::AnswerSpec;
+    match a {
+        protocol::AnswerFormat::Choice(c) => AnswerSpec::Choice(c.clone()),
+        protocol::AnswerFormat::Regex(r) => AnswerSpec::Regex(r.clone()),
+        protocol::AnswerFormat::JsonSchema(s) => AnswerSpec::JsonSchema(s.clone()),
+        protocol::AnswerFormat::JsonObject {} => AnswerSpec::JsonObject,
+    }
+}
+
+/// How a constrained answer ended, on the wire.
+pub(crate) fn wire_answer(a: inference::answer::AnswerOutcome) -> protocol::AnswerResult {
+    protocol::AnswerResult { complete: a.complete, value: a.value }
 }
 
 /// Engine token counts on the wire.

@@ -66,7 +66,7 @@ pub(crate) fn wire_event(e: EventRow) -> Event {
 
 impl AppState {
     /// Checks what a monitor is asked to run; the error says what to change.
-    fn check_monitor(&self, row: &MonitorRow) -> Result<(), ApiFailure> {
+    async fn check_monitor(&self, row: &MonitorRow) -> Result<(), ApiFailure> {
         let name = row.name.trim();
         if name.is_empty() || name.len() > MAX_NAME || name.len() != row.name.len() {
             return Err(ApiFailure::bad_request(format!(
@@ -96,6 +96,11 @@ impl AppState {
             }
         }
         let params = super::generation(&row.generation, 128);
+        // The answer shape compiles against the model's tokenizer (checked when a model is
+        // loaded; otherwise the monitor's windows report it).
+        if let Ok(analyzer) = self.analyzer() {
+            crate::watch::check_answer(&analyzer, &params).await.map_err(ApiFailure::bad_request)?;
+        }
         crate::watch::WatchSpec::new(row.source.clone(), row.prompt.clone(), &row.window, params)
             .map_err(ApiFailure::bad_request)?;
         if row.retention.days == Some(0) || row.retention.max_events == Some(0) {
@@ -154,7 +159,7 @@ pub(crate) async fn create(
         created_ms: now,
         updated_ms: now,
     };
-    state.check_monitor(&row)?;
+    state.check_monitor(&row).await?;
     state.monitors.create(row.clone()).await?;
     tracing::info!(monitor = %row.id, name = %row.name, source = ?row.source.redacted(), "monitor created");
     let location = format!("/v1/monitors/{}", row.id);
@@ -215,7 +220,7 @@ pub(crate) async fn patch(
         row.enabled = v;
     }
     row.updated_ms = crate::store::now_ms();
-    state.check_monitor(&row)?;
+    state.check_monitor(&row).await?;
     if !state.monitors.update(row.clone()).await? {
         return Err(not_found(&id));
     }

@@ -79,6 +79,51 @@ struct ChatRequest {
     /// Lookout extension: how clips are sampled.
     #[serde(default)]
     video_params: VideoParams,
+    /// OpenAI's answer shape (`json_schema`, `json_object`, `text`).
+    #[serde(default)]
+    response_format: Option<protocol::ResponseFormat>,
+    /// vLLM's answer shape: exactly one of `choice`, `regex`, `json`.
+    #[serde(default)]
+    structured_outputs: Option<StructuredOutputs>,
+    /// Lookout extension: end as soon as the constrained answer is decided.
+    #[serde(default)]
+    stop_when_decided: Option<bool>,
+}
+
+/// vLLM's `structured_outputs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StructuredOutputs {
+    #[serde(default)]
+    choice: Option<Vec<String>>,
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    json: Option<serde_json::Value>,
+}
+
+/// The one answer shape a chat request asks for, if any.
+fn answer_format(req: &ChatRequest) -> Result<Option<protocol::AnswerFormat>, ApiFailure> {
+    use protocol::AnswerFormat;
+    let mut asked = Vec::new();
+    if let Some(f) = req.response_format.as_ref().and_then(protocol::ResponseFormat::answer) {
+        asked.push(f);
+    }
+    if let Some(s) = &req.structured_outputs {
+        let before = asked.len();
+        asked.extend(s.choice.clone().map(AnswerFormat::Choice));
+        asked.extend(s.regex.clone().map(AnswerFormat::Regex));
+        asked.extend(s.json.clone().map(AnswerFormat::JsonSchema));
+        if asked.len() == before {
+            return Err(ApiFailure::bad_request("structured_outputs needs one of choice, regex or json"));
+        }
+    }
+    if asked.len() > 1 {
+        return Err(ApiFailure::bad_request(
+            "give one answer shape: response_format, or one of structured_outputs' choice, regex and json",
+        ));
+    }
+    Ok(asked.pop())
 }
 
 fn now() -> u64 {
@@ -94,6 +139,7 @@ pub(crate) async fn chat_completions(
     let req: ChatRequest =
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid chat request: {e}")))?;
     let engine = state.engine()?;
+    let answer = answer_format(&req)?;
     if req.messages.is_empty() {
         return Err(ApiFailure::bad_request("messages must not be empty"));
     }
@@ -161,8 +207,11 @@ pub(crate) async fn chat_completions(
             Some(Stop::Many(v)) => v,
             None => vec![],
         },
+        answer,
+        stop_when_decided: req.stop_when_decided,
     };
     let generation = super::generation(&settings, 256);
+    super::rest::check_answer(&engine, &generation).await?;
     let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(submit_failure)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = req.model.unwrap_or_else(|| engine.info().model.clone());

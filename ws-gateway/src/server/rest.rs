@@ -47,6 +47,22 @@ struct Ask {
     params: VideoParams,
     temperature: Option<f64>,
     max_tokens: Option<usize>,
+    response_format: Option<protocol::ResponseFormat>,
+}
+
+/// Compiles a request's answer shape off the runtime; a shape that does not compile is a 400
+/// that says which part.
+pub(crate) async fn check_answer(
+    engine: &inference::Engine,
+    generation: &inference::GenerationParams,
+) -> Result<(), ApiFailure> {
+    let Some(spec) = generation.answer.clone() else { return Ok(()) };
+    let e = engine.clone();
+    match tokio::task::spawn_blocking(move || e.check_answer(&spec)).await.map_err(internal)? {
+        Ok(()) => Ok(()),
+        Err(inference::Error::Input(m)) => Err(ApiFailure::bad_request(format!("response_format: {m}"))),
+        Err(other) => Err(internal(other)),
+    }
 }
 
 /// Why the engine refused a request, as an HTTP answer.
@@ -78,7 +94,7 @@ async fn analyze(
     fetch_ms: f64,
     started: Instant,
 ) -> Result<InferenceResponse, ApiFailure> {
-    let Ask { prompt, params, temperature, max_tokens } = ask;
+    let Ask { prompt, params, temperature, max_tokens, response_format } = ask;
     let engine = state.engine()?;
     if prompt.trim().is_empty() {
         return Err(ApiFailure::bad_request("prompt must not be empty"));
@@ -101,8 +117,10 @@ async fn analyze(
                 }
             })?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let settings = protocol::GenerationSettings { temperature, max_tokens, ..Default::default() };
+    let answer = response_format.as_ref().and_then(protocol::ResponseFormat::answer);
+    let settings = protocol::GenerationSettings { temperature, max_tokens, answer, ..Default::default() };
     let generation = super::generation(&settings, 256);
+    check_answer(&engine, &generation).await?;
     let request = inference::Request {
         messages: vec![inference::processor::Message::user_video(&prompt)],
         videos: vec![sampled.into_video_input()],
@@ -111,7 +129,7 @@ async fn analyze(
     let mut events = engine.submit(request).map_err(submit_failure)?;
     while let Some(ev) = events.recv().await {
         match ev {
-            EngineEvent::Done { finish_reason, text, usage, timings, .. } => {
+            EngineEvent::Done { finish_reason, text, usage, timings, answer, .. } => {
                 state.metrics.requests.fetch_add(1, Ordering::Relaxed);
                 state.metrics.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                 return Ok(InferenceResponse {
@@ -125,6 +143,7 @@ async fn analyze(
                         model: super::wire_timings(timings),
                         total_ms: started.elapsed().as_secs_f64() * 1000.0,
                     },
+                    answer: answer.map(super::wire_answer),
                 });
             }
             EngineEvent::Failed { error } => {
@@ -137,7 +156,7 @@ async fn analyze(
 }
 
 /// `POST /v1/inference/upload`: multipart with `file`, `prompt`, and optional `video_params`
-/// (JSON), `temperature`, `max_tokens`.
+/// (JSON), `temperature`, `max_tokens`, `response_format` (JSON, as in the chat API).
 pub(crate) async fn inference_upload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -149,6 +168,7 @@ pub(crate) async fn inference_upload(
     let _cleanup = TempFile(path.clone());
     let (mut prompt, mut params, mut temperature, mut max_tokens, mut have_file) =
         (None, VideoParams::default(), None, None, false);
+    let mut response_format = None;
     while let Some(field) =
         multipart.next_field().await.map_err(|e| ApiFailure::bad_request(format!("bad multipart body: {e}")))?
     {
@@ -169,6 +189,12 @@ pub(crate) async fn inference_upload(
                 temperature =
                     Some(text.trim().parse().map_err(|_| ApiFailure::bad_request("temperature must be a number"))?)
             }
+            "response_format" => {
+                response_format = Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| ApiFailure::bad_request(format!("response_format: {e}")))?,
+                )
+            }
             "max_tokens" => {
                 max_tokens =
                     Some(text.trim().parse().map_err(|_| ApiFailure::bad_request("max_tokens must be an integer"))?)
@@ -181,7 +207,8 @@ pub(crate) async fn inference_upload(
     }
     let prompt = prompt.ok_or_else(|| ApiFailure::bad_request("the multipart body needs a part named \"prompt\""))?;
     let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let r = analyze(&state, &path, Ask { prompt, params, temperature, max_tokens }, fetch_ms, started).await?;
+    let ask = Ask { prompt, params, temperature, max_tokens, response_format };
+    let r = analyze(&state, &path, ask, fetch_ms, started).await?;
     Ok(axum::Json(r))
 }
 
@@ -281,8 +308,13 @@ pub(crate) async fn inference_url(
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid JSON body: {e}")))?;
     let clip = fetch_to_temp(&state.config, &req.url).await?;
     let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let ask =
-        Ask { prompt: req.prompt, params: req.video_params, temperature: req.temperature, max_tokens: req.max_tokens };
+    let ask = Ask {
+        prompt: req.prompt,
+        params: req.video_params,
+        temperature: req.temperature,
+        max_tokens: req.max_tokens,
+        response_format: req.response_format,
+    };
     let r = analyze(&state, &clip.0, ask, fetch_ms, started).await?;
     Ok(axum::Json(r))
 }

@@ -304,6 +304,10 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
             }
         };
         let params = super::generation(&generation, 128);
+        if let Err(e) = crate::watch::check_answer(&analyzer, &params).await {
+            self.out.send(err(ErrorCode::BadRequest, &e, true)).await?;
+            return Err(Ending::new(EndReason::Rejected, e));
+        }
         let spec = match WatchSpec::new(source, prompt, &window, params) {
             Ok(s) => s,
             Err(e) => {

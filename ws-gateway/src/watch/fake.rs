@@ -133,6 +133,10 @@ impl Analyzer for FakeAnalyzer {
             Ok(Reservation::new(move |request| Ok(answer(&prompts, n, every, request, place))))
         })
     }
+
+    fn check_answer(&self, _: &inference::answer::AnswerSpec) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The fake's answer to one request.
@@ -178,6 +182,7 @@ fn answer(
                 token_ids: Vec::new(),
                 usage,
                 timings: Timings::default(),
+                answer: None,
             });
         });
         rx

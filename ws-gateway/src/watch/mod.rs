@@ -71,6 +71,8 @@ pub(crate) trait Analyzer: Send + Sync + 'static {
     fn model(&self) -> String;
     /// Waits for a place in the queue; waiters are served first come, first served.
     fn reserve(&self) -> BoxFuture<'_, Result<Reservation, inference::Error>>;
+    /// Compiles an answer shape, or says what is wrong with it (CPU work: not on the runtime).
+    fn check_answer(&self, spec: &inference::answer::AnswerSpec) -> Result<(), String>;
 }
 
 impl Analyzer for inference::Engine {
@@ -85,6 +87,27 @@ impl Analyzer for inference::Engine {
             Ok(Reservation::new(move |request| engine.submit_in(slot, request)))
         })
     }
+
+    fn check_answer(&self, spec: &inference::answer::AnswerSpec) -> Result<(), String> {
+        inference::Engine::check_answer(self, spec).map_err(|e| match e {
+            inference::Error::Input(m) => m,
+            other => other.to_string(),
+        })
+    }
+}
+
+/// Checks a request's answer shape on a blocking thread (compiling a JSON schema can take
+/// milliseconds); the error says what to change.
+pub(crate) async fn check_answer(
+    analyzer: &Arc<dyn Analyzer>,
+    params: &inference::GenerationParams,
+) -> Result<(), String> {
+    let Some(spec) = params.answer.clone() else { return Ok(()) };
+    let a = analyzer.clone();
+    tokio::task::spawn_blocking(move || a.check_answer(&spec))
+        .await
+        .map_err(|e| format!("checking the answer format failed: {e}"))?
+        .map_err(|e| format!("generation.answer: {e}"))
 }
 
 /// What a source is opened into.
@@ -632,7 +655,10 @@ impl Task {
             match ev? {
                 EngineEvent::Queued | EngineEvent::Captured { .. } => {}
                 EngineEvent::Token { text } => shared.hub.publish(ServerMessage::Token { window: w.index, text }),
-                EngineEvent::Done { finish_reason, text, usage, timings, .. } => {
+                EngineEvent::Decided(d) => {
+                    shared.hub.publish(ServerMessage::Decided { window: w.index, path: d.path, value: d.value });
+                }
+                EngineEvent::Done { finish_reason, text, usage, timings, answer, .. } => {
                     self.totals.windows.fetch_add(1, Ordering::Relaxed);
                     self.totals.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                     shared.windows.fetch_add(1, Ordering::Relaxed);
@@ -657,6 +683,7 @@ impl Task {
                         finish_reason: finish_reason.as_str().into(),
                         usage,
                         timings,
+                        answer: answer.map(crate::server::wire_answer),
                     });
                     return None;
                 }

@@ -57,6 +57,10 @@ pub struct RtspOptions {
     pub backoff_max: Duration,
     /// Give up after this many failed attempts in a row (`None`: never).
     pub max_attempts: Option<u32>,
+    /// Let camera URLs reach link-local addresses (169.254.0.0/16, fe80::/10), where a camera
+    /// without DHCP may sit but where the cloud metadata service lives too (see
+    /// [`refused_address`]).
+    pub allow_link_local: bool,
 }
 
 impl Default for RtspOptions {
@@ -68,7 +72,55 @@ impl Default for RtspOptions {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             max_attempts: None,
+            allow_link_local: false,
         }
+    }
+}
+
+/// Why a camera URL may not reach `ip`, if it may not. Cameras live on private networks, so
+/// loopback, private and public addresses are allowed; unspecified, multicast and broadcast
+/// addresses are not addresses of a camera, and link-local ones (the cloud metadata service at
+/// 169.254.169.254 among them) only with `allow_link_local`. IPv4 inside IPv6 is judged as IPv4.
+pub fn refused_address(ip: std::net::IpAddr, allow_link_local: bool) -> Option<&'static str> {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v) => v.to_ipv4_mapped().map_or(IpAddr::V6(v), IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    };
+    let (unusable, link_local) = match ip {
+        IpAddr::V4(v) => (v.is_unspecified() || v.is_multicast() || v.is_broadcast(), v.is_link_local()),
+        IpAddr::V6(v) => (v.is_unspecified() || v.is_multicast(), (v.segments()[0] & 0xffc0) == 0xfe80),
+    };
+    if unusable {
+        Some("an unspecified, multicast or broadcast address is not a camera's address")
+    } else if link_local && !allow_link_local {
+        Some(
+            "camera URLs may not reach link-local addresses (169.254.0.0/16, fe80::/10: the cloud metadata \
+             service lives there) unless the server allows it (--rtsp-allow-link-local)",
+        )
+    } else {
+        None
+    }
+}
+
+/// What a failed RTSP request tells the client. When the camera answered, its status says what
+/// is wrong (a wrong password is not a network drop). Otherwise one sentence for every case:
+/// nothing the other side sent is repeated (a port that is not RTSP must not echo its banner),
+/// and refused, closed, silent and non-RTSP ports read the same, so errors cannot map ports.
+/// The full error is logged at debug level for the operator.
+fn describe_failure(e: &retina::Error, method: &str, camera: &CameraUrl) -> String {
+    tracing::debug!(camera = camera.redacted(), method, error = %e, "RTSP request failed");
+    match e.status_code() {
+        Some(401) => "the camera refused the user name or password (401 Unauthorized): check the credentials \
+                      in the URL (percent-escape '@' and ':')"
+            .into(),
+        Some(403) => "the camera refused access to this stream (403 Forbidden)".into(),
+        Some(404) => "the camera has no stream at this path (404 Not Found): check the URL's path".into(),
+        Some(461) => {
+            "the camera refused the RTP transport (461 Unsupported Transport): try \"transport\": \"tcp\"".into()
+        }
+        Some(code) => format!("the camera answered {method} with status {code}"),
+        None => format!("no RTSP server answered at {} (refused, closed, timed out or not RTSP)", camera.host_port()),
     }
 }
 
@@ -111,6 +163,26 @@ impl CameraUrl {
     /// The URL without credentials (safe to log).
     pub fn redacted(&self) -> &str {
         self.url.as_str()
+    }
+
+    /// `host:port` (554 when the URL gives none).
+    pub fn host_port(&self) -> String {
+        let host = self.url.host_str().unwrap_or_default();
+        let port = self.url.port().unwrap_or(554);
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+    }
+
+    /// Resolves the host and checks every address against [`refused_address`].
+    async fn check_addresses(&self, allow_link_local: bool) -> Result<(), String> {
+        let host = self.url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let port = self.url.port().unwrap_or(554);
+        let addrs = tokio::net::lookup_host((host, port)).await.map_err(|_| format!("cannot resolve {host}"))?;
+        for a in addrs {
+            if let Some(why) = refused_address(a.ip(), allow_link_local) {
+                return Err(format!("{host} resolves to {}: {why}", a.ip()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -189,6 +261,9 @@ async fn connection(
 ) -> Conn {
     let first = !*connected_once;
     let fail = |error: String| if first { Conn::Fatal(error) } else { Conn::Lost { error, delivered: false } };
+    if let Err(why) = camera.check_addresses(opts.allow_link_local).await {
+        return Conn::Fatal(why);
+    }
     let timeout = opts.connect_timeout;
     let session_opts = SessionOptions::default().creds(camera.creds.clone()).user_agent("lookout".into());
     let described = match tokio::time::timeout(
@@ -198,7 +273,7 @@ async fn connection(
     .await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(format!("RTSP DESCRIBE failed: {e}")),
+        Ok(Err(e)) => return fail(describe_failure(&e, "DESCRIBE", camera)),
         Err(_) => return fail(format!("the camera did not answer within {timeout:?}")),
     };
     let mut session = described;
@@ -223,17 +298,20 @@ async fn connection(
     let setup = SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE);
     match tokio::time::timeout(timeout, session.setup(index, setup)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return fail(format!("RTSP SETUP failed: {e}")),
+        Ok(Err(e)) => return fail(describe_failure(&e, "SETUP", camera)),
         Err(_) => return fail(format!("SETUP got no answer within {timeout:?}")),
     }
     let playing = match tokio::time::timeout(timeout, session.play(PlayOptions::default())).await {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => return fail(format!("RTSP PLAY failed: {e}")),
+        Ok(Err(e)) => return fail(describe_failure(&e, "PLAY", camera)),
         Err(_) => return fail(format!("PLAY got no answer within {timeout:?}")),
     };
     let mut demuxed = match playing.demuxed() {
         Ok(d) => d,
-        Err(e) => return fail(format!("cannot depacketize the camera's stream: {e}")),
+        Err(e) => {
+            tracing::debug!(camera = camera.redacted(), error = %e, "cannot depacketize");
+            return fail("the camera's video stream cannot be read (unsupported packetization)".into());
+        }
     };
     *connected_once = true;
     let mut delivered = false;
@@ -246,7 +324,10 @@ async fn connection(
         let item = match tokio::time::timeout(limit, demuxed.next()).await {
             Err(_) => return Conn::Lost { error: format!("no video from the camera for {limit:?}"), delivered },
             Ok(None) => return Conn::Lost { error: "the camera ended the stream".into(), delivered },
-            Ok(Some(Err(e))) => return Conn::Lost { error: e.to_string(), delivered },
+            Ok(Some(Err(e))) => {
+                tracing::debug!(camera = camera.redacted(), error = %e, "RTSP stream error");
+                return Conn::Lost { error: "the connection to the camera broke off".into(), delivered };
+            }
             Ok(Some(Ok(item))) => item,
         };
         let CodecItem::VideoFrame(frame) = item else { continue };
@@ -296,8 +377,25 @@ mod tests {
         assert!(!format!("{c:?}").contains("w0rd"));
         assert!(CameraUrl::parse("rtsp://cam/x").unwrap().creds.is_none());
         assert!(CameraUrl::parse("http://cam/x").unwrap_err().contains("rtsp://"));
+        assert_eq!(CameraUrl::parse("rtsp://u:p@cam.local/x").unwrap().host_port(), "cam.local:554");
+        assert_eq!(CameraUrl::parse("rtsp://[fd00::7]:8554/x").unwrap().host_port(), "[fd00::7]:8554");
         assert!(CameraUrl::parse("not a url").is_err());
         assert_eq!("udp".parse::<RtspTransport>(), Ok(RtspTransport::Udp));
         assert!("sctp".parse::<RtspTransport>().is_err());
+    }
+
+    #[test]
+    fn cameras_may_be_private_but_not_link_local_unless_allowed() {
+        for ok in ["127.0.0.1", "10.0.0.5", "192.168.1.64", "8.8.8.8", "::1", "fd00::1", "2001:db8::1"] {
+            assert_eq!(refused_address(ok.parse().unwrap(), false), None, "{ok}");
+        }
+        for link_local in ["169.254.169.254", "169.254.1.1", "fe80::1", "::ffff:169.254.169.254"] {
+            let why = refused_address(link_local.parse().unwrap(), false).expect(link_local);
+            assert!(why.contains("--rtsp-allow-link-local"), "{why}");
+            assert_eq!(refused_address(link_local.parse().unwrap(), true), None, "{link_local}");
+        }
+        for never in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "::", "ff02::1"] {
+            assert!(refused_address(never.parse().unwrap(), true).is_some(), "{never}");
+        }
     }
 }

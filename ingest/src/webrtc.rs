@@ -474,23 +474,25 @@ fn new_builder<T: rtc::rtp::packetizer::Depacketizer>(d: T) -> SampleBuilder<T> 
     SampleBuilder::new(256, d, 90_000).with_max_time_delay(Duration::from_millis(200))
 }
 
-/// Extends 32-bit RTP timestamps to 64 bits across wrap-around.
+/// Extends 32-bit RTP timestamps to 64 bits across wrap-around. Each timestamp is placed at the
+/// signed 32-bit distance from the newest one seen (as retina does), so a late packet from just
+/// before a wrap lands just before it, not 13 hours (2^32 ticks at 90 kHz) ahead.
 #[derive(Default)]
 struct RtpClock {
-    last: Option<u32>,
-    high: u64,
+    /// The newest timestamp and its extension.
+    newest: Option<(u32, i64)>,
 }
 
 impl RtpClock {
     fn extend(&mut self, ts: u32) -> u64 {
-        if let Some(last) = self.last {
-            // A wrap: the new value is far below the last (and not a small reordering).
-            if ts < last && last - ts > u32::MAX / 2 {
-                self.high += 1 << 32;
-            }
+        let ext = match self.newest {
+            None => i64::from(ts),
+            Some((prev, prev_ext)) => prev_ext + i64::from(ts.wrapping_sub(prev) as i32),
+        };
+        if self.newest.is_none_or(|(_, e)| ext > e) {
+            self.newest = Some((ts, ext));
         }
-        self.last = Some(ts);
-        self.high + u64::from(ts)
+        ext.max(0) as u64
     }
 }
 
@@ -561,6 +563,37 @@ mod tests {
         assert_eq!(c.extend(5), (1u64 << 32) + 5);
         // Reordering just after the wrap does not count as another wrap.
         assert_eq!(c.extend(3), (1u64 << 32) + 3);
+        // A late packet from just before the wrap is placed before it, not 2^32 ticks ahead,
+        // and the clock goes on from the newest.
+        assert_eq!(c.extend(u32::MAX - 3), u64::from(u32::MAX - 3));
+        assert_eq!(c.extend(6), (1u64 << 32) + 6);
+        // Forward jumps of up to half the range are time passing; the next wrap counts once.
+        assert_eq!(c.extend(u32::MAX / 2), (1u64 << 32) + u64::from(u32::MAX / 2));
+        assert_eq!(c.extend(u32::MAX - 1), (1u64 << 32) + u64::from(u32::MAX - 1));
+        assert_eq!(c.extend(2), (2u64 << 32) + 2);
+        // Nothing before the first timestamp goes below zero.
+        let mut c = RtpClock::default();
+        assert_eq!(c.extend(10), 10);
+        assert_eq!(c.extend(u32::MAX), 0);
+    }
+
+    proptest::proptest! {
+        /// Any stream that advances by less than half the range per packet, with packets late
+        /// by less than that, extends to its true 64-bit times.
+        #[test]
+        fn rtp_clock_recovers_true_times(start in 0u64..(1 << 32), steps in proptest::collection::vec((0u64..1 << 30, 0u64..1 << 28), 1..200)) {
+            let mut c = RtpClock::default();
+            let mut t = start;
+            assert_eq!(c.extend(t as u32), t);
+            for (step, late) in steps {
+                t += step;
+                assert_eq!(c.extend(t as u32), t);
+                if late <= t - start {
+                    let old = t - late;
+                    assert_eq!(c.extend(old as u32), old);
+                }
+            }
+        }
     }
 
     #[test]

@@ -319,7 +319,7 @@ async function main() {
     await page.click("#start");
     await page.waitForSelector("#error", { timeout: 30000 });
     const text = await page.textContent("#error");
-    if (!text.includes("DESCRIBE") || !text.includes("reachable")) throw new Error(text);
+    if (!text.includes("no RTSP server answered") || !text.includes("reachable")) throw new Error(text);
     await page.screenshot({ path: join(artifacts, "error.png"), fullPage: true });
   });
 

@@ -85,6 +85,9 @@ struct ServeArgs {
     /// Longest wait between RTSP reconnection attempts, seconds [default: 10].
     #[arg(long, env = "LOOKOUT_RTSP_MAX_BACKOFF_S")]
     rtsp_max_backoff_s: Option<f64>,
+    /// Let camera URLs reach link-local addresses (169.254.0.0/16, fe80::/10) [default: off].
+    #[arg(long, env = "LOOKOUT_RTSP_ALLOW_LINK_LOCAL", num_args = 0..=1, default_missing_value = "true")]
+    rtsp_allow_link_local: Option<bool>,
     /// STUN/TURN servers for WebRTC, e.g. stun:stun.example.org:3478 or
     /// turn:user:pass@turn.example.org:3478 (repeat, or comma-separate) [default: none].
     #[arg(long = "ice-server", env = "LOOKOUT_ICE_SERVERS", value_delimiter = ',')]
@@ -95,6 +98,9 @@ struct ServeArgs {
     /// Longest wait for a WebSocket's start or subscribe message, seconds [default: 30].
     #[arg(long, env = "LOOKOUT_WS_START_TIMEOUT_S")]
     ws_start_timeout_s: Option<f64>,
+    /// Longest wait for a request's headers before the connection is closed, seconds [default: 10].
+    #[arg(long, env = "LOOKOUT_HEADER_READ_TIMEOUT_S")]
+    header_read_timeout_s: Option<f64>,
     /// Days of history a monitor keeps unless it says otherwise [default: 30].
     #[arg(long, env = "LOOKOUT_RETENTION_DAYS")]
     retention_days: Option<u32>,
@@ -126,9 +132,11 @@ impl ServeArgs {
             allow_private_urls: self.allow_private_urls.or(f.allow_private_urls),
             rtsp_transport: self.rtsp_transport.or(f.rtsp_transport),
             rtsp_max_backoff_s: self.rtsp_max_backoff_s.or(f.rtsp_max_backoff_s),
+            rtsp_allow_link_local: self.rtsp_allow_link_local.or(f.rtsp_allow_link_local),
             ice_servers: self.ice_servers.or(f.ice_servers),
             webrtc_udp_addrs: self.webrtc_udp_addrs.or(f.webrtc_udp_addrs),
             ws_start_timeout_s: self.ws_start_timeout_s.or(f.ws_start_timeout_s),
+            header_read_timeout_s: self.header_read_timeout_s.or(f.header_read_timeout_s),
             retention_days: self.retention_days.or(f.retention_days),
             retention_max_events: self.retention_max_events.or(f.retention_max_events),
         })
@@ -146,6 +154,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(t) = &args.rtsp_transport {
         live.rtsp.transport = t.parse().map_err(anyhow::Error::msg)?;
     }
+    live.rtsp.allow_link_local = args.rtsp_allow_link_local.unwrap_or(false);
     if let Some(s) = args.rtsp_max_backoff_s {
         anyhow::ensure!(s.is_finite() && s > 0.0 && s <= 3600.0, "rtsp_max_backoff_s must be in (0, 3600]");
         live.rtsp.backoff_max = std::time::Duration::from_secs_f64(s);
@@ -165,6 +174,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => d.ws_start_timeout,
     };
+    let header_read_timeout = match args.header_read_timeout_s {
+        Some(s) => {
+            anyhow::ensure!(s.is_finite() && s > 0.0 && s <= 3600.0, "header_read_timeout_s must be in (0, 3600]");
+            std::time::Duration::from_secs_f64(s)
+        }
+        None => d.header_read_timeout,
+    };
     let config = ws_gateway::server::ServeConfig {
         model,
         device: args.device.as_deref().unwrap_or("cpu").parse()?,
@@ -175,6 +191,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_sessions: args.max_sessions.unwrap_or(d.max_sessions).max(1),
         max_connections: args.max_connections.unwrap_or(d.max_connections).max(1),
         ws_start_timeout,
+        header_read_timeout,
         max_ws_message_bytes: args.max_ws_message_kb.unwrap_or(64).max(1) * 1024,
         engine_queue: args.engine_queue.unwrap_or(8).max(1),
         allow_private_urls: args.allow_private_urls.unwrap_or(false),

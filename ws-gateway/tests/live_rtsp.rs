@@ -198,12 +198,25 @@ async fn credentials_in_the_url_and_clear_errors_for_bad_cameras() {
     until_window_done(&mut ws, &mut seen).await;
     send(&mut ws, &ClientMessage::Stop {}).await;
 
-    // Wrong password, no such path, nothing listening, not an RTSP URL: a fatal error that says so.
+    // Wrong password, no such path, nothing listening, a server that is not RTSP (an SSH-like
+    // banner), the metadata address, not an RTSP URL: a fatal error that says so. Nothing the
+    // other side sent comes back, and a closed port reads like a port that is not RTSP.
     let closed = free_port();
+    let banner = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let banner_port = banner.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in banner.incoming().flatten() {
+            let mut c = c;
+            let _ = std::io::Write::write_all(&mut c, b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
+        }
+    });
+    let no_server = "no RTSP server answered";
     let cases = [
         (format!("rtsp://cam:wrong@127.0.0.1:{}/h264", rtsp.port), ErrorCode::Source, "401"),
         (format!("rtsp://cam:s3cr3t%3Apw@127.0.0.1:{}/nothing", rtsp.port), ErrorCode::Source, "404"),
-        (format!("rtsp://127.0.0.1:{closed}/h264"), ErrorCode::Source, "DESCRIBE"),
+        (format!("rtsp://127.0.0.1:{closed}/h264"), ErrorCode::Source, no_server),
+        (format!("rtsp://127.0.0.1:{banner_port}/h264"), ErrorCode::Source, no_server),
+        ("rtsp://169.254.169.254/latest".to_owned(), ErrorCode::Source, "link-local"),
         ("http://127.0.0.1/cam".to_owned(), ErrorCode::BadRequest, "rtsp://"),
     ];
     for (url, code, says) in cases {
@@ -215,6 +228,7 @@ async fn credentials_in_the_url_and_clear_errors_for_bad_cameras() {
                 assert!(fatal);
                 assert!(message.contains(says), "{url}: {message}");
                 assert!(!message.contains("wrong"), "the password must not be echoed: {message}");
+                assert!(!message.contains("SSH"), "the other side's bytes must not be echoed: {message}");
             }
             other => panic!("{url}: {other:?}"),
         }

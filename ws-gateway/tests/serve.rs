@@ -113,7 +113,35 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     // Not a video.
     let (status, body) = upload(&server.base, b"hello, this is text".to_vec(), None).await;
     assert_eq!(status, 415, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("not a playable video"));
+    let m = body["error"]["message"].as_str().unwrap();
+    assert!(m.contains("not a playable video"), "{m}");
+    assert!(!m.contains(".part") && !m.contains("uploads/"), "the server's paths stay private: {m}");
+    // Health (no key needed) names the model, not where it lives.
+    let base = server.base.clone();
+    let health: serde_json::Value = tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("http://{base}/v1/health")).call().unwrap().into_json().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(health["model"], "tiny-tied", "{health}");
+    // A still image and a one-frame clip can never make a window: refused at upload.
+    let dir = std::env::temp_dir().join(format!("lookout-stills-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["still.png", "one.mp4"] {
+        let out = dir.join(name);
+        let ok = std::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25"])
+            .args(["-frames:v", "1"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let (status, body) = upload(&server.base, std::fs::read(&out).unwrap(), None).await;
+        assert_eq!(status, 422, "{name}: {body}");
+        let m = body["error"]["message"].as_str().unwrap();
+        assert!(m.contains("1 frame") && m.contains("at least 2 frames"), "{m}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     // Too large.
     let (status, _) = upload(&server.base, vec![0u8; 300_000], None).await;
     assert_eq!(status, 413);
@@ -188,6 +216,19 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
             code(format!("http://{base}/v1/events/1/thumbnail.jpg")),
         ];
         assert_eq!(guarded, [401; 4], "the monitor routes need the key");
+        // The scheme is case-insensitive (RFC 7235); a wrong key or another scheme is not.
+        let with_auth =
+            |value: &str| match ureq::get(&format!("http://{base}/v1/watches")).set("Authorization", value).call() {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(c, _)) => c,
+                Err(e) => panic!("{e}"),
+            };
+        let codes: Vec<u16> =
+            ["Bearer sekrit", "bearer sekrit", "BEARER  sekrit", "Bearer sekri", "Basic sekrit", "sekrit"]
+                .into_iter()
+                .map(with_auth)
+                .collect();
+        assert_eq!(codes, [200, 200, 200, 401, 401, 401]);
         (code(format!("http://{base}/docs")), code(format!("http://{base}/docs?api_key=sekrit")))
     })
     .await
@@ -376,6 +417,7 @@ async fn openai_chat_completions_whole_and_streamed() {
     assert_eq!(status, 200, "{whole}");
     assert_eq!(whole["object"], "chat.completion");
     assert_eq!(whole["usage"]["completion_tokens"], 8);
+    assert_eq!(whole["model"], "tiny-tied", "the model that answered, not the one asked for");
     let content = whole["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
 
     let body = request(true);
@@ -400,6 +442,68 @@ async fn openai_chat_completions_whole_and_streamed() {
     }
     assert_eq!(streamed, content, "the streamed pieces add up to the whole answer");
     assert_eq!(finish.as_deref(), Some("length"));
+
+    // stream_options.include_usage: a last chunk with the counts and no choices; streamed chats
+    // count in the metrics.
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
+    };
+    let metrics_url = format!("http://{}/metrics", server.base);
+    let get = |u: String| async move {
+        tokio::task::spawn_blocking(move || ureq::get(&u).call().unwrap().into_string().unwrap()).await.unwrap()
+    };
+    let before = get(metrics_url.clone()).await;
+    let mut body: serde_json::Value = serde_json::from_str(&request(true)).unwrap();
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let url = format!("http://{}/v1/chat/completions", server.base);
+    let sse = tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let data: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let usage: serde_json::Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], serde_json::json!([]), "{usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], 8, "{usage}");
+    let after = get(metrics_url).await;
+    assert_eq!(metric(&after, "lookout_rest_requests_total"), metric(&before, "lookout_rest_requests_total") + 1);
+    assert_eq!(metric(&after, "lookout_tokens_total"), metric(&before, "lookout_tokens_total") + 8);
+
+    // OpenAI fields that are not served are refused, saying which; parts other than text and
+    // video get advice; a URL in capitals is a URL, not an upload id.
+    let url = format!("http://{}/v1/chat/completions", server.base);
+    let text_only = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.to_string()
+    };
+    for (extra, needle) in [
+        (serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (serde_json::json!({"n": 2}), "n other than 1"),
+        (serde_json::json!({"logprobs": true}), "logprobs"),
+        (serde_json::json!({"frequency_penalty": 0.5}), "frequency_penalty"),
+        (serde_json::json!({"logit_bias": {"12": 5}}), "logit_bias"),
+    ] {
+        let (status, v) = post_json(url.clone(), text_only(extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{extra}: {v}");
+    }
+    let (status, v) =
+        post_json(url.clone(), text_only(serde_json::json!({"n": 1, "tools": [], "logprobs": false}))).await;
+    assert_eq!(status, 200, "the defaults are accepted: {v}");
+    let image = r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}"#;
+    let (status, v) = post_json(url.clone(), image.into()).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("send a video_url part"), "{v}");
+    let caps = r#"{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "HTTPS://127.0.0.1/a.mp4"}}]}]}"#;
+    let (status, v) = post_json(url.clone(), caps.into()).await;
+    assert_eq!(status, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("not allowed"), "fetched as a URL (and refused): {v}");
 
     // Bad requests.
     let url = format!("http://{}/v1/chat/completions", server.base);
@@ -476,6 +580,48 @@ async fn stop_during_a_window_ends_the_session_at_once() {
     assert_eq!(reason, EndReason::Stopped);
     assert_eq!(message, "stopped by the client");
     assert!(asked.elapsed() < Duration::from_secs(4), "stop took {:?}", asked.elapsed());
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_headers_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut server = start_server(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    // A slowloris: many connections that start a request and never finish its headers.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(&server.base).await.unwrap();
+        tcp.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        idle.push(tcp);
+    }
+    // And some that never send a byte.
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(&server.base).await.unwrap());
+    }
+    // Health still answers meanwhile.
+    let base = server.base.clone();
+    let status =
+        tokio::task::spawn_blocking(move || ureq::get(&format!("http://{base}/v1/health")).call().unwrap().status())
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    // Every one of them is closed by the server soon after the timeout.
+    let started = std::time::Instant::now();
+    for tcp in &mut idle {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408 answer, then the close
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a half-open connection was kept past the header timeout");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }

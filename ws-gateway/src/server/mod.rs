@@ -56,6 +56,10 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// Longest wait for a WebSocket's `start` or `subscribe` before it is closed.
     pub ws_start_timeout: std::time::Duration,
+    /// Longest wait for a request's headers (the first one, or the next on a kept-alive
+    /// connection) before the connection is closed: a client that opens connections and never
+    /// finishes a request cannot hold them.
+    pub header_read_timeout: std::time::Duration,
     /// Largest WebSocket message from a client, bytes.
     pub max_ws_message_bytes: usize,
     /// Requests waiting for the engine.
@@ -84,6 +88,7 @@ impl Default for ServeConfig {
             max_sessions: 8,
             max_connections: 256,
             ws_start_timeout: std::time::Duration::from_secs(30),
+            header_read_timeout: std::time::Duration::from_secs(10),
             max_ws_message_bytes: 64 * 1024,
             engine_queue: 8,
             allow_private_urls: false,
@@ -274,10 +279,21 @@ impl IntoResponse for ApiFailure {
     }
 }
 
+/// Whether two secrets are equal, taking the same time wherever they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiFailure> {
     let Some(key) = &state.config.api_key else { return Ok(()) };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+    // The scheme is case-insensitive (RFC 7235); the key is compared in constant time.
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
         Ok(())
     } else {
         Err(ApiFailure::new(
@@ -300,15 +316,33 @@ async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
         inference::DeviceChoice::Cpu => "cpu".to_owned(),
         inference::DeviceChoice::Cuda(n) => format!("cuda:{n}"),
     };
-    axum::Json(Health { status, model: state.config.model.clone(), device, error })
+    // Anyone may ask for health: the error names the model as the API does, not by its path.
+    let model = model_id(&state.config.model);
+    let error = error.map(|e| e.replace(&state.config.model, &model));
+    axum::Json(Health { status, model, device, error })
 }
 
 async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiFailure> {
     authorized(&state, &headers)?;
     Ok(axum::Json(serde_json::json!({
         "object": "list",
-        "data": [{"id": state.config.model, "object": "model", "owned_by": "lookout"}],
+        "data": [{"id": model_id(&state.config.model), "object": "model", "owned_by": "lookout"}],
     })))
+}
+
+/// A media error as a client may see it: the server's path of the clip replaced by what it is.
+pub(crate) fn media_error(e: impl std::fmt::Display, path: &std::path::Path) -> String {
+    e.to_string().replace(&path.display().to_string(), "the clip")
+}
+
+/// The name the API shows for a model: a Hub id as given, a local checkpoint by its directory's
+/// name, never the server's path to it.
+pub(crate) fn model_id(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    if path.is_absolute() || model.starts_with('.') || path.is_dir() {
+        return path.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    }
+    model.to_owned()
 }
 
 /// Generation parameters from wire settings: greedy unless a temperature is given, Qwen's
@@ -477,24 +511,84 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let watches = state.watches.clone();
     let monitors = state.monitors.clone();
-    let listener = axum::serve::ListenerExt::tap_io(listener, tune_connection);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            stop.await;
-            tracing::info!("shutting down: ending sessions and watches");
-            let _ = shutdown_tx.send(true);
-            // Monitors stop (their history flushed), then every other watch ends (its clients
-            // are told why) and its threads are joined; the connections then close.
-            monitors.shutdown().await;
-            watches.shutdown().await;
-        })
-        .await?;
+    let header_timeout = state.config.header_read_timeout;
+    accept(listener, app, header_timeout, async move {
+        stop.await;
+        tracing::info!("shutting down: ending sessions and watches");
+        let _ = shutdown_tx.send(true);
+        // Monitors stop (their history flushed), then every other watch ends (its clients
+        // are told why) and its threads are joined; the connections then close.
+        monitors.shutdown().await;
+        watches.shutdown().await;
+    })
+    .await;
     state.whip.close_all().await;
     let open = state.connections.load(Ordering::Relaxed);
     if open > 0 {
         tracing::info!(open, "connections still closing");
     }
     Ok(())
+}
+
+/// Serves HTTP/1.1 (with upgrades, for WebSockets) on every accepted connection until `stop`
+/// resolves, then lets open requests finish (at most 10 s). Each connection has
+/// `header_timeout` to send a request's headers. Accept errors (out of file descriptors) wait a
+/// moment instead of ending the server.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    // Connection tasks are owned here: told to finish when the server stops, and joined.
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => break,
+        };
+        let mut tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying shortly");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tune_connection(&mut tcp);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .with_upgrades();
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::info!(open = connections.len(), "connections still open after 10 s; closing them");
+    }
 }
 
 /// Bytes the kernel may queue for one client. Tokens are small messages: this holds about a

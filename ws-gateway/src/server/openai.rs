@@ -29,8 +29,17 @@ enum ChatContent {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ChatPart {
-    Text { text: String },
-    VideoUrl { video_url: VideoUrl },
+    Text {
+        text: String,
+    },
+    VideoUrl {
+        video_url: VideoUrl,
+    },
+    /// Refused with advice (Lookout analyses video).
+    ImageUrl {},
+    /// Any other part type, refused.
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Deserialize)]
@@ -53,7 +62,9 @@ enum Stop {
 
 #[derive(Deserialize)]
 struct ChatRequest {
+    /// Any name is accepted (one model is served); the answer names the one that served it.
     #[serde(default)]
+    #[allow(dead_code)]
     model: Option<String>,
     messages: Vec<ChatMessage>,
     #[serde(default)]
@@ -88,6 +99,64 @@ struct ChatRequest {
     /// Lookout extension: end as soon as the constrained answer is decided.
     #[serde(default)]
     stop_when_decided: Option<bool>,
+    /// `{"include_usage": true}` adds a last chunk with the token counts.
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    // OpenAI fields Lookout does not serve: read only to refuse them clearly (see `refuse_unserved`).
+    #[serde(default)]
+    tools: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    functions: Option<serde_json::Value>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// OpenAI fields that would change the answer and are not served: a 400 that says so, never a
+/// silently different answer.
+fn refuse_unserved(req: &ChatRequest) -> Result<(), ApiFailure> {
+    let present =
+        |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null() && v != &serde_json::json!([]));
+    let mut unserved = Vec::new();
+    if present(&req.tools) || present(&req.functions) {
+        unserved.push("tools (function calling)");
+    }
+    if req.tool_choice.as_ref().is_some_and(|v| !v.is_null() && v != "none" && v != "auto") {
+        unserved.push("tool_choice");
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        unserved.push("n other than 1 (send one request per answer)");
+    }
+    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
+        unserved.push("logprobs");
+    }
+    if req.frequency_penalty.is_some_and(|p| p != 0.0) {
+        unserved.push("frequency_penalty (presence_penalty and repetition_penalty are served)");
+    }
+    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        unserved.push("logit_bias");
+    }
+    if unserved.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiFailure::bad_request(format!("not supported by this server: {}", unserved.join(", "))))
+    }
 }
 
 /// vLLM's `structured_outputs`.
@@ -139,6 +208,7 @@ pub(crate) async fn chat_completions(
     let req: ChatRequest =
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid chat request: {e}")))?;
     let engine = state.engine()?;
+    refuse_unserved(&req)?;
     let answer = answer_format(&req)?;
     if req.messages.is_empty() {
         return Err(ApiFailure::bad_request("messages must not be empty"));
@@ -158,9 +228,26 @@ pub(crate) async fn chat_completions(
                 for p in parts {
                     match p {
                         ChatPart::Text { text } => out.push(Part::Text(text)),
+                        ChatPart::ImageUrl {} => {
+                            return Err(ApiFailure::bad_request(
+                                "image_url parts are not supported: Lookout analyses video; send a video_url part \
+                                 (an http(s) URL, or upload:ID from POST /v1/uploads)",
+                            ));
+                        }
+                        ChatPart::Other => {
+                            return Err(ApiFailure::bad_request(
+                                "unknown content part type: use text or video_url parts",
+                            ));
+                        }
                         ChatPart::VideoUrl { video_url } => {
                             let url = video_url.url;
-                            let is_http = url.starts_with("http://") || url.starts_with("https://");
+                            let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+                            let is_http = matches!(scheme.as_deref(), Some("http" | "https"));
+                            if scheme.is_some() && !is_http {
+                                return Err(ApiFailure::bad_request(
+                                    "a video_url is an http(s) URL or upload:ID from POST /v1/uploads",
+                                ));
+                            }
                             let upload_id = url.strip_prefix("upload:").or((!is_http).then_some(url.as_str()));
                             let path = if let Some(id) = upload_id {
                                 upload_path(&state.config.data_dir, id)
@@ -186,7 +273,11 @@ pub(crate) async fn chat_completions(
     let videos = tokio::task::spawn_blocking(move || {
         clips
             .iter()
-            .map(|p| crate::clip::sample_file(p, &opts, ingest::DecodeOptions::default()).map(|s| s.into_video_input()))
+            .map(|p| {
+                crate::clip::sample_file(p, &opts, ingest::DecodeOptions::default())
+                    .map(|s| s.into_video_input())
+                    .map_err(|e| super::media_error(e, p))
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await
@@ -214,7 +305,9 @@ pub(crate) async fn chat_completions(
     super::rest::check_answer(&engine, &generation).await?;
     let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(submit_failure)?;
     let id = format!("chatcmpl-{}", new_id());
-    let model = req.model.unwrap_or_else(|| engine.info().model.clone());
+    // The model that answers, whatever the request named.
+    let model = super::model_id(&engine.info().model);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let created = now();
     let started = Instant::now();
 
@@ -223,6 +316,10 @@ pub(crate) async fn chat_completions(
             match ev {
                 EngineEvent::Done { finish_reason, text, usage, .. } => {
                     state.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    state
+                        .metrics
+                        .tokens
+                        .fetch_add(usage.completion_tokens as u64, std::sync::atomic::Ordering::Relaxed);
                     return Ok(axum::Json(serde_json::json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason.as_str()}],
@@ -240,36 +337,55 @@ pub(crate) async fn chat_completions(
         return Err(ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "the engine stopped"));
     }
 
-    // Streaming: one chunk per token piece, a final chunk with the finish reason, then [DONE].
-    let chunk = move |delta: serde_json::Value, finish: Option<&str>| {
-        serde_json::json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
-        .to_string()
+    // Streaming: one chunk per token piece, a final chunk with the finish reason, with
+    // `include_usage` a chunk with the counts, then [DONE].
+    let chunk = move |delta: Option<serde_json::Value>, finish: Option<&str>, usage: Option<inference::Usage>| {
+        let choices = match delta {
+            Some(delta) => serde_json::json!([{"index": 0, "delta": delta, "finish_reason": finish}]),
+            None => serde_json::json!([]),
+        };
+        let mut c = serde_json::json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                            "total_tokens": u.prompt_tokens + u.completion_tokens});
+        }
+        c.to_string()
     };
-    let first = chunk(serde_json::json!({"role": "assistant", "content": ""}), None);
+    let first = chunk(Some(serde_json::json!({"role": "assistant", "content": ""})), None, None);
+    let pending = std::collections::VecDeque::from([first]);
     let stream = futures_util::stream::unfold(
-        (Some(events), Some(first), chunk, started),
-        |(mut events, mut pending, chunk, started)| async move {
-            if let Some(p) = pending.take() {
-                return Some((Ok::<_, Infallible>(Event::default().data(p)), (events, None, chunk, started)));
+        (Some(events), pending, chunk, state, started),
+        move |(mut events, mut pending, chunk, state, started)| async move {
+            if let Some(p) = pending.pop_front() {
+                return Some((Ok::<_, Infallible>(Event::default().data(p)), (events, pending, chunk, state, started)));
             }
             let rx = events.as_mut()?;
             loop {
                 match rx.recv().await {
                     Some(EngineEvent::Token { text }) => {
-                        let data = chunk(serde_json::json!({"content": text}), None);
-                        return Some((Ok(Event::default().data(data)), (events, None, chunk, started)));
+                        let data = chunk(Some(serde_json::json!({"content": text})), None, None);
+                        return Some((Ok(Event::default().data(data)), (events, pending, chunk, state, started)));
                     }
-                    Some(EngineEvent::Done { finish_reason, .. }) => {
-                        let data = chunk(serde_json::json!({}), Some(finish_reason.as_str()));
-                        return Some((Ok(Event::default().data(data)), (None, Some("[DONE]".into()), chunk, started)));
+                    Some(EngineEvent::Done { finish_reason, usage, .. }) => {
+                        state.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        state
+                            .metrics
+                            .tokens
+                            .fetch_add(usage.completion_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+                        let data = chunk(Some(serde_json::json!({})), Some(finish_reason.as_str()), None);
+                        if include_usage {
+                            pending.push_back(chunk(None, None, Some(usage)));
+                        }
+                        pending.push_back("[DONE]".into());
+                        return Some((Ok(Event::default().data(data)), (None, pending, chunk, state, started)));
                     }
                     Some(EngineEvent::Failed { error }) => {
                         let data =
                             serde_json::json!({"error": {"code": "model", "message": error.to_string()}}).to_string();
-                        return Some((Ok(Event::default().data(data)), (None, Some("[DONE]".into()), chunk, started)));
+                        pending.push_back("[DONE]".into());
+                        return Some((Ok(Event::default().data(data)), (None, pending, chunk, state, started)));
                     }
                     Some(_) => {}
                     None => return None,

@@ -110,11 +110,13 @@ async fn analyze(
                 crate::clip::ClipError::Ingest(e) => ApiFailure::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     ErrorCode::BadRequest,
-                    format!("not a playable video: {e}"),
+                    format!("not a playable video: {}", super::media_error(e, path)),
                 ),
-                crate::clip::ClipError::Sample(e) => {
-                    ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, e.to_string())
-                }
+                crate::clip::ClipError::Sample(e) => ApiFailure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorCode::BadRequest,
+                    super::media_error(e, path),
+                ),
             })?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1000.0;
     let answer = response_format.as_ref().and_then(protocol::ResponseFormat::answer);
@@ -134,7 +136,7 @@ async fn analyze(
                 state.metrics.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                 return Ok(InferenceResponse {
                     text,
-                    model: engine.info().model.clone(),
+                    model: super::model_id(&engine.info().model),
                     finish_reason: finish_reason.as_str().into(),
                     usage: super::wire_usage(usage),
                     timings: InferenceTimings {
@@ -212,24 +214,45 @@ pub(crate) async fn inference_upload(
     Ok(axum::Json(r))
 }
 
-/// Whether an address is one a URL fetch must not reach unless allowed.
+/// Whether an address is one a URL fetch must not reach unless allowed: loopback, private,
+/// link-local, carrier-grade NAT, "this network", multicast and reserved IPv4, and in IPv6 the
+/// same, unique-local and the deprecated site-local ranges, and any IPv4 address embedded in
+/// IPv6 (mapped `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`).
 fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v) => {
+            let [a, b, ..] = v.octets();
             v.is_loopback()
                 || v.is_private()
                 || v.is_link_local()
                 || v.is_unspecified()
                 || v.is_broadcast()
-                || v.octets()[0] == 100 && (64..128).contains(&v.octets()[1]) // carrier-grade NAT
+                || v.is_multicast()
+                || a == 0 // "this network"
+                || a >= 240 // reserved
+                || a == 100 && (64..128).contains(&b) // carrier-grade NAT
         }
         IpAddr::V6(v) => {
+            let s = v.segments();
             v.is_loopback()
                 || v.is_unspecified()
-                || (v.segments()[0] & 0xfe00) == 0xfc00
-                || (v.segments()[0] & 0xffc0) == 0xfe80
-                || v.to_ipv4_mapped().is_some_and(|m| is_private(IpAddr::V4(m)))
+                || v.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local
+                || embedded_v4(v).is_some_and(|m| is_private(IpAddr::V4(m)))
         }
+    }
+}
+
+/// The IPv4 address inside an IPv6 one, for the forms that route to it.
+fn embedded_v4(v: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v.segments();
+    let tail = || std::net::Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff | 0, ..] => Some(tail()),
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(tail()),
+        _ => None,
     }
 }
 
@@ -437,11 +460,38 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "100.64.0.1",
+            // IPv4-compatible, NAT64 and site-local forms.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::a9fe:a9fe", // 169.254.169.254, the cloud metadata address
+            "fec0::1",
+            "ff02::1",
+            "224.0.0.1",
+            "0.1.2.3",
+            "240.0.0.1",
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }
-        for a in ["8.8.8.8", "2001:4860::8888", "100.128.0.1"] {
+        for a in ["8.8.8.8", "2001:4860::8888", "100.128.0.1", "64:ff9b::808:808", "::ffff:8.8.8.8"] {
             assert!(!is_private(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    proptest::proptest! {
+        /// An IPv4 address is refused in every IPv6 form exactly when it is refused itself.
+        #[test]
+        fn embedded_ipv4_is_judged_as_itself(a in proptest::prelude::any::<u32>()) {
+            let v4 = std::net::Ipv4Addr::from(a);
+            let private = is_private(IpAddr::V4(v4));
+            let [hi, lo] = [(a >> 16) as u16, a as u16];
+            for v6 in [
+                v4.to_ipv6_mapped(),
+                std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo),
+                std::net::Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
+            ] {
+                proptest::prop_assert!(is_private(IpAddr::V6(v6)) == private, "{v4} as {v6}");
+            }
         }
     }
 

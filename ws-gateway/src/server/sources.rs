@@ -111,7 +111,8 @@ impl ServerSources {
             Ok(Err(e)) => return Err(failure(ErrorCode::Source, e.to_string())),
             Err(e) => return Err(failure(ErrorCode::Internal, e.to_string())),
         };
-        Replay::start(&path, opts, ring, admit, stop).map_err(|e| failure(ErrorCode::Source, e.to_string()))?;
+        Replay::start(&path, opts, ring, admit, stop)
+            .map_err(|e| failure(ErrorCode::Source, super::media_error(e, &path)))?;
         Ok(Opened {
             info: Some(SourceInfo { width: info.width, height: info.height, fps: info.fps, codec: info.codec }),
             events: None,

@@ -66,10 +66,23 @@ pub(crate) async fn upload(
             return Err(ApiFailure::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::BadRequest,
-                format!("not a playable video: {e}"),
+                format!("not a playable video: {}", super::media_error(e, &part_path)),
             ));
         }
     };
+    // A window needs one temporal pair: a still image or a one-frame clip can never be
+    // analysed, here or by the REST and chat APIs (which answer 422 for it too).
+    if info.frame_count < 2 {
+        let _ = tokio::fs::remove_file(&part_path).await;
+        return Err(ApiFailure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::BadRequest,
+            format!(
+                "the clip has {} frame(s) ({} {}x{}); analysis needs a video of at least 2 frames",
+                info.frame_count, info.codec, info.width, info.height
+            ),
+        ));
+    }
     state.metrics.uploads.fetch_add(1, Ordering::Relaxed);
     let final_path = dir.join(&id);
     tokio::fs::rename(&part_path, &final_path)

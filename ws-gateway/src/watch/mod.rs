@@ -77,7 +77,7 @@ pub(crate) trait Analyzer: Send + Sync + 'static {
 
 impl Analyzer for inference::Engine {
     fn model(&self) -> String {
-        self.info().model.clone()
+        crate::server::model_id(&self.info().model)
     }
 
     fn reserve(&self) -> BoxFuture<'_, Result<Reservation, inference::Error>> {

@@ -8,6 +8,8 @@ Serves live test patterns on 127.0.0.1:
   /h265        H.265 (x265), 640x360 at 15 fps
   /h264-720p   H.264, 1280x720 at 30 fps (the CPU-per-stream measurement)
   /h264-720p-busy  the same size and rate, a moving zone plate at 4 Mbit/s (detail everywhere)
+  /h264-tcp-only   as /h264, but RTP over UDP is refused (461 Unsupported Transport), as
+               live555-based cameras answer a transport they do not take
 
 With --auth USER:PASSWORD every mount asks for those credentials.
 
@@ -25,7 +27,8 @@ import gi
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+gi.require_version("GstRtsp", "1.0")
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 SOURCE = "videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},framerate={fps}/1 ! videoconvert"
 H264 = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate=1500 ! rtph264pay name=pay0 pt=96 config-interval=-1"
@@ -58,6 +61,9 @@ def main():
     small = SOURCE.format(w=640, h=360, fps=15)
     mounts.add_factory("/h264", factory(small + " ! " + H264.format(gop=15)))
     mounts.add_factory("/h265", factory(small + " ! " + H265.format(gop=15)))
+    tcp_only = factory(small + " ! " + H264.format(gop=15))
+    tcp_only.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+    mounts.add_factory("/h264-tcp-only", tcp_only)
     big = SOURCE.format(w=1280, h=720, fps=30)
     mounts.add_factory("/h264-720p", factory(big + " ! " + H264.format(gop=30)))
     # Fine moving detail everywhere (a zone plate) at 4 Mbit/s: closer to a busy real scene.
@@ -73,7 +79,7 @@ def main():
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer")
         auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
         server.set_auth(auth)
-        for path in ("/h264", "/h265", "/h264-720p", "/h264-720p-busy"):
+        for path in ("/h264", "/h265", "/h264-tcp-only", "/h264-720p", "/h264-720p-busy"):
             perms = GstRtspServer.RTSPPermissions()
             perms.add_role("viewer")
             perms.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)

@@ -490,4 +490,42 @@ mod tests {
         ring.close(RingEnd::Stopped);
         assert!(!feed.push(Encoded { codec: LiveCodec::H264, data: vec![0, 0, 1], pts: Duration::ZERO, key: true }));
     }
+
+    proptest::proptest! {
+        /// Any bytes: no panic; the units are the stream from its first delimiter on, each
+        /// beginning with one.
+        #[test]
+        fn access_units_cover_the_stream_from_the_first_delimiter(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let units = split_access_units(&data);
+            let joined: Vec<u8> = units.concat();
+            proptest::prop_assert!(data.ends_with(&joined));
+            for u in &units {
+                proptest::prop_assert!(u.starts_with(&[0, 0, 1, 9]) || u.starts_with(&[0, 0, 0, 1, 9]));
+            }
+            for codec in [LiveCodec::H264, LiveCodec::H265, LiveCodec::Vp8] {
+                let _ = codec.is_key_frame(&data);
+            }
+        }
+
+        /// Units made of a delimiter and payloads free of start codes come back as they were,
+        /// and a unit is a key frame exactly when it holds an IDR slice or an SPS.
+        #[test]
+        fn access_units_round_trip(units in proptest::collection::vec(
+            (proptest::collection::vec(1u8..=255, 0..64), proptest::sample::select(vec![1u8, 5, 7, 8, 6])), 1..20)) {
+            let mut stream = Vec::new();
+            let mut expected = Vec::new();
+            for (payload, nal) in &units {
+                let mut u = vec![0, 0, 0, 1, 9, 0xf0, 0, 0, 1, 0x60 | nal];
+                u.extend_from_slice(payload);
+                stream.extend_from_slice(&u);
+                expected.push((u, matches!(nal, 5 | 7)));
+            }
+            let got = split_access_units(&stream);
+            proptest::prop_assert_eq!(got.len(), expected.len());
+            for (g, (e, key)) in got.iter().zip(&expected) {
+                proptest::prop_assert_eq!(*g, e.as_slice());
+                proptest::prop_assert_eq!(LiveCodec::H264.is_key_frame(g), *key);
+            }
+        }
+    }
 }

@@ -291,13 +291,24 @@ async fn connection(
             session.streams().iter().map(|s| format!("{}/{}", s.media(), s.encoding_name())).collect();
         return Conn::Fatal(format!("the camera offers no H.264 or H.265 video (it offers {})", found.join(", ")));
     };
-    let transport = match opts.transport {
-        RtspTransport::Tcp => Transport::Tcp(TcpTransportOptions::default()),
+    let setup = |transport| SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE);
+    let tcp = || Transport::Tcp(TcpTransportOptions::default());
+    let first_choice = match opts.transport {
+        RtspTransport::Tcp => tcp(),
         RtspTransport::Udp => Transport::Udp(Default::default()),
     };
-    let setup = SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE);
-    match tokio::time::timeout(timeout, session.setup(index, setup)).await {
+    match tokio::time::timeout(timeout, session.setup(index, setup(first_choice))).await {
         Ok(Ok(())) => {}
+        // A camera that does not take RTP over UDP (live555 answers 461 to some transport
+        // headers) gets interleaved TCP instead, which every camera serves.
+        Ok(Err(e)) if e.status_code() == Some(461) && opts.transport == RtspTransport::Udp => {
+            tracing::info!(camera = camera.redacted(), "the camera refused RTP over UDP; using TCP");
+            match tokio::time::timeout(timeout, session.setup(index, setup(tcp()))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return fail(describe_failure(&e, "SETUP", camera)),
+                Err(_) => return fail(format!("SETUP got no answer within {timeout:?}")),
+            }
+        }
         Ok(Err(e)) => return fail(describe_failure(&e, "SETUP", camera)),
         Err(_) => return fail(format!("SETUP got no answer within {timeout:?}")),
     }

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media::io::sample_builder::SampleBuilder;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp::codec::h264::H264Packet;
 use rtc::rtp::codec::vp8::Vp8Packet;
@@ -136,6 +138,9 @@ pub struct ResourceInfo {
 pub struct Whip {
     config: WebrtcConfig,
     resources: Mutex<HashMap<String, Arc<Resource>>>,
+    /// Set once mDNS could not open its multicast socket (a host without a multicast route):
+    /// later peers go without it.
+    no_mdns: AtomicBool,
 }
 
 impl std::fmt::Debug for Whip {
@@ -213,7 +218,7 @@ impl Resource {
 impl Whip {
     /// No resources yet.
     pub fn new(config: WebrtcConfig) -> Arc<Whip> {
-        Arc::new(Whip { config, resources: Mutex::new(HashMap::new()) })
+        Arc::new(Whip { config, resources: Mutex::new(HashMap::new()), no_mdns: AtomicBool::new(false) })
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Resource>>> {
@@ -228,9 +233,6 @@ impl Whip {
         }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| WhipError::BadOffer(e.to_string()))?;
         let id = new_id();
-        let mut engine = media_engine().map_err(WhipError::Internal)?;
-        let registry = register_default_interceptors(Registry::new(), &mut engine)
-            .map_err(|e| WhipError::Internal(e.to_string()))?;
         let ice: Vec<RTCIceServer> = cfg
             .ice_servers
             .iter()
@@ -247,15 +249,45 @@ impl Whip {
             gathered: gathered_tx,
             resource: Mutex::new(None),
         });
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice).build())
-            .with_media_engine(engine)
-            .with_interceptor_registry(registry)
-            .with_handler(handler.clone() as Arc<dyn PeerConnectionEventHandler>)
-            .with_udp_addrs(cfg.udp_addrs.clone())
-            .build()
-            .await
-            .map_err(|e| WhipError::Internal(format!("cannot create a peer connection: {e}")))?;
+        let build = |mdns: bool| {
+            let ice = ice.clone();
+            let handler = handler.clone();
+            async move {
+                let mut engine = media_engine().map_err(WhipError::Internal)?;
+                let registry = register_default_interceptors(Registry::new(), &mut engine)
+                    .map_err(|e| WhipError::Internal(e.to_string()))?;
+                let mut builder = PeerConnectionBuilder::new()
+                    .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice).build())
+                    .with_media_engine(engine)
+                    .with_interceptor_registry(registry)
+                    .with_handler(handler as Arc<dyn PeerConnectionEventHandler>)
+                    .with_udp_addrs(cfg.udp_addrs.clone());
+                if !mdns {
+                    builder = builder.with_setting_engine(
+                        SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build(),
+                    );
+                }
+                builder.build().await.map_err(|e| WhipError::Internal(format!("cannot create a peer connection: {e}")))
+            }
+        };
+        // mDNS (to resolve the `.local` candidates browsers send) needs a multicast route; a
+        // host without one still takes publishers, whose other candidates work.
+        let pc = if self.no_mdns.load(Ordering::Relaxed) {
+            build(false).await?
+        } else {
+            match build(true).await {
+                Ok(pc) => pc,
+                Err(first) => {
+                    let pc = build(false).await.map_err(|_| first)?;
+                    self.no_mdns.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "mDNS is unavailable on this host (no multicast route?); WHIP goes on without it, \
+                         so publishers' .local candidates are not resolved"
+                    );
+                    pc
+                }
+            }
+        };
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
         let resource = Arc::new(Resource {
             id: id.clone(),

@@ -61,6 +61,11 @@ impl PeerConnectionEventHandler for SenderEvents {
 /// A WHIP publisher: returns the resource's location, the peer connection and the task sending
 /// frames in real time (looping the pattern).
 async fn publish(base: &str) -> (String, Arc<dyn PeerConnection>, tokio::task::JoinHandle<()>) {
+    publish_with(base, true).await
+}
+
+/// [`publish`], with or without mDNS on the publisher's side.
+async fn publish_with(base: &str, mdns: bool) -> (String, Arc<dyn PeerConnection>, tokio::task::JoinHandle<()>) {
     let codec = RTCRtpCodec {
         mime_type: "video/H264".into(),
         clock_rate: 90_000,
@@ -75,15 +80,20 @@ async fn publish(base: &str) -> (String, Arc<dyn PeerConnection>, tokio::task::J
     let registry = register_default_interceptors(Registry::new(), &mut engine).unwrap();
     let (gathered_tx, mut gathered) = tokio::sync::watch::channel(false);
     let (connected_tx, mut connected) = tokio::sync::watch::channel(false);
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(SenderEvents { gathered: gathered_tx, connected: connected_tx }))
-        .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
-        .build()
-        .await
-        .unwrap();
+        .with_udp_addrs(vec!["127.0.0.1:0".to_owned()]);
+    if !mdns {
+        builder = builder.with_setting_engine(
+            rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::new()
+                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                .build(),
+        );
+    }
+    let pc = builder.build().await.unwrap();
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
     let ssrc = 0x4c4f4f4b;
     let track = Arc::new(
@@ -272,4 +282,52 @@ async fn a_webrtc_rs_publisher_streams_over_whip_until_deleted() {
         ServerMessage::Error { code: ErrorCode::BadRequest, message, .. } => assert!(message.contains("POST /v1/whip")),
         other => panic!("{other:?}"),
     }
+}
+
+/// Runs this test binary's test `name` again in a new network namespace that has only loopback
+/// (no multicast route, as on many servers and containers); true when this is that run.
+fn in_a_namespace_without_multicast(name: &str) -> bool {
+    if std::env::var_os("LOOKOUT_NETNS_CHILD").is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("LOOKOUT_NETNS_CHILD", "1")
+        .output()
+        .expect("unshare (util-linux) runs the test in a network namespace");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stdout.contains("1 passed"), "in the namespace:\n{stdout}\n{stderr}");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_serves_publishers_on_a_host_without_a_multicast_route() {
+    if !in_a_namespace_without_multicast("whip_serves_publishers_on_a_host_without_a_multicast_route") {
+        return;
+    }
+    // The condition itself: joining mDNS's group fails here (ENODEV).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    assert!(probe.join_multicast_v4(&"224.0.0.251".parse().unwrap(), &"0.0.0.0".parse().unwrap()).is_err());
+    let server = start_server(|c| c.webrtc.udp_addrs = vec!["127.0.0.1:0".into()]).await;
+    // Before the fix: 500 "cannot create a peer connection: No such device".
+    let (location, _pc, sending) = publish_with(&server.base, false).await;
+    let id = location.rsplit('/').next().unwrap().to_owned();
+    let mut ws = connect(&server.base).await;
+    send(&mut ws, &start_webrtc(&id)).await;
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Ready { .. }));
+    loop {
+        match recv(&mut ws).await {
+            ServerMessage::WindowDone { text, .. } => {
+                assert!(!text.is_empty());
+                break;
+            }
+            ServerMessage::Error { fatal: true, message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    sending.abort();
 }

@@ -167,9 +167,8 @@ impl CameraUrl {
 
     /// `host:port` (554 when the URL gives none).
     pub fn host_port(&self) -> String {
-        let host = self.url.host_str().unwrap_or_default();
-        let port = self.url.port().unwrap_or(554);
-        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+        // An IPv6 host comes in its brackets already.
+        format!("{}:{}", self.url.host_str().unwrap_or_default(), self.url.port().unwrap_or(554))
     }
 
     /// Resolves the host and checks every address against [`refused_address`].

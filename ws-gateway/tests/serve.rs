@@ -216,6 +216,30 @@ async fn api_key_guards_everything_but_health_and_shutdown_ends_sessions() {
             code(format!("http://{base}/v1/events/1/thumbnail.jpg")),
         ];
         assert_eq!(guarded, [401; 4], "the monitor routes need the key");
+        // The document and the server agree: every operation it says needs the key answers 401
+        // without one (the WebSocket is checked below).
+        let doc: serde_json::Value = ureq::get(&format!("http://{base}/openapi.json"))
+            .set("Authorization", "Bearer sekrit")
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in
+                item.as_object().unwrap().keys().filter(|m| ["get", "post", "patch", "delete"].contains(&m.as_str()))
+            {
+                if ["/", "/v1/health", "/v1/ws"].contains(&path.as_str()) {
+                    continue;
+                }
+                let url = format!("http://{base}{}", path.replace("{id}", "x").replace("{file}", "x"));
+                let status = match ureq::request(&method.to_uppercase(), &url).call() {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(c, _)) => c,
+                    Err(e) => panic!("{e}"),
+                };
+                assert_eq!(status, 401, "{method} {path} without the key");
+            }
+        }
         // The scheme is case-insensitive (RFC 7235); a wrong key or another scheme is not.
         let with_auth =
             |value: &str| match ureq::get(&format!("http://{base}/v1/watches")).set("Authorization", value).call() {
@@ -547,6 +571,23 @@ async fn openapi_and_docs_are_served_from_the_binary() {
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
+    // Every operation behind the key documents 401, every one with a body documents 400, and
+    // the upload's file part is required.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if ["/", "/v1/health"].contains(&path.as_str())
+                || !["get", "post", "patch", "delete"].contains(&method.as_str())
+            {
+                continue;
+            }
+            assert!(op["responses"]["401"].is_object(), "{method} {path} does not document 401");
+            if op.get("requestBody").is_some() {
+                assert!(op["responses"]["400"].is_object(), "{method} {path} does not document 400");
+            }
+        }
+    }
+    let upload = &doc["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"];
+    assert!(upload["required"].as_array().unwrap().contains(&serde_json::json!("file")), "{upload}");
     assert!(page.contains("Lookout API") && page.contains("/openapi.json"));
     assert!(!page.contains("https://"), "the docs page must not load anything from elsewhere");
     server.stop.take().unwrap().send(()).unwrap();

@@ -322,8 +322,7 @@ async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
     axum::Json(Health { status, model, device, error })
 }
 
-async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiFailure> {
-    authorized(&state, &headers)?;
+async fn models(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiFailure> {
     Ok(axum::Json(serde_json::json!({
         "object": "list",
         "data": [{"id": model_id(&state.config.model), "object": "model", "owned_by": "lookout"}],
@@ -415,37 +414,26 @@ pub(crate) struct KeyQuery {
 /// Checks the bearer header, or the `api_key` query parameter.
 pub(crate) fn authorized_or_query(state: &AppState, headers: &HeaderMap, q: &KeyQuery) -> Result<(), ApiFailure> {
     if let (Some(key), Some(given)) = (&state.config.api_key, &q.api_key)
-        && key == given
+        && same_secret(key.as_bytes(), given.as_bytes())
     {
         return Ok(());
     }
     authorized(state, headers)
 }
 
-async fn openapi(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<KeyQuery>,
-) -> Result<impl IntoResponse, ApiFailure> {
-    authorized_or_query(&state, &headers, &q)?;
+async fn openapi() -> Result<impl IntoResponse, ApiFailure> {
     Ok(([("content-type", "application/json")], OPENAPI))
 }
 
-async fn docs(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<KeyQuery>,
-) -> Result<impl IntoResponse, ApiFailure> {
-    authorized_or_query(&state, &headers, &q)?;
+async fn docs() -> Result<impl IntoResponse, ApiFailure> {
     Ok(axum::response::Html(include_str!("docs.html")))
 }
 
 /// Builds the router (separate from serving, for tests).
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(ui::index))
-        .route("/app/{file}", get(ui::file))
-        .route("/v1/health", get(health))
+    let public =
+        Router::new().route("/", get(ui::index)).route("/app/{file}", get(ui::file)).route("/v1/health", get(health));
+    let guarded = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/uploads", post(uploads::upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/ws", get(session::ws))
@@ -466,7 +454,31 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
-        .with_state(state)
+        // Before any extractor: a request without the key is 401 whatever its body.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    public.merge(guarded).with_state(state)
+}
+
+/// The API key check in front of every route but the UI's and health. The key comes as
+/// `Authorization: Bearer KEY`, or on GET requests (a WebSocket, an image, the docs page: what a
+/// browser cannot give headers) as `?api_key=KEY`.
+async fn require_key(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.config.api_key.is_none() {
+        return next.run(request).await;
+    }
+    let api_key = (request.method() == axum::http::Method::GET)
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "api_key"))
+        .map(|(_, v)| v.into_owned());
+    match authorized_or_query(&state, request.headers(), &KeyQuery { api_key }) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Runs the service until SIGINT/SIGTERM (or `stop` resolving), then ends every session with an

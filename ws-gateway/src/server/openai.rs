@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use inference::EngineEvent;
@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::rest::{fetch_to_temp, sample_options, submit_failure};
 use super::uploads::{new_id, upload_path};
-use super::{ApiFailure, AppState, authorized};
+use super::{ApiFailure, AppState};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -201,10 +201,8 @@ fn now() -> u64 {
 
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiFailure> {
-    authorized(&state, &headers)?;
     let req: ChatRequest =
         serde_json::from_slice(&body).map_err(|e| ApiFailure::bad_request(format!("invalid chat request: {e}")))?;
     let engine = state.engine()?;

@@ -3,8 +3,13 @@
 //! - `watch`: a watch is one source's pipeline (source → decode → frame ring → windows →
 //!   engine → events), owned by the server, with its threads and tasks joined when it stops; a
 //!   registry holds the running ones and clients subscribe to their events.
-//! - [`server`]: the axum routes (WebSocket sessions that start or follow watches, the REST and
-//!   OpenAI-style APIs, WHIP, uploads, metrics, the embedded UI) and the service's settings.
+//! - `monitors`: standing watches kept in the store, run without a viewer and across restarts,
+//!   their history written by one task and pruned by retention.
+//! - [`store`]: monitors and history behind one narrow interface (SQLite now, PostgreSQL later).
+//! - [`server`]: the accept loop (HTTP/1.1 with a header-read timeout), the one API key check,
+//!   the axum routes (WebSocket sessions that start or follow watches, monitors, the REST and
+//!   OpenAI-style APIs with constrained answers, WHIP, uploads, metrics, the embedded UI) and the
+//!   service's settings.
 //! - [`clip`] and [`tensors`]: clip mode (`lookout sample`), a whole file sampled as the reference
 //!   does, and its safetensors output.
 #![forbid(unsafe_code, clippy::print_stdout, clippy::print_stderr)]

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -171,4 +172,43 @@ fn ureq_status(url: &str, key: Option<&str>) -> u16 {
         Err(ureq::Error::Status(code, _)) => code,
         Err(e) => panic!("{e}"),
     }
+}
+
+#[test]
+fn a_second_signal_ends_a_slow_shutdown_at_once() {
+    use std::io::Write;
+    let dir = tmp("second-signal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = root().join("fixtures/models/tiny-tied");
+    let (mut child, addr) = spawn_serve(
+        &["--model", model.to_str().unwrap(), "--port", "0", "--data-dir", dir.join("data").to_str().unwrap()],
+        &[],
+    );
+    // An upload in flight: the orderly shutdown waits for it (up to 10 s).
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.write_all(
+        b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n\
+          Content-Length: 100000000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\n",
+    )
+    .unwrap();
+    tcp.write_all(&[0u8; 65536]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id().to_string();
+    let signal = |s: &str| {
+        assert!(Command::new("kill").arg(s).arg(&pid).status().unwrap().success());
+    };
+    signal("-TERM");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the upload in flight");
+    let sent = std::time::Instant::now();
+    signal("-INT");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(3), "a second signal must end it at once");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    drop(tcp);
 }

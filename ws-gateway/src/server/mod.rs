@@ -621,6 +621,20 @@ fn tune_connection(tcp: &mut tokio::net::TcpStream) {
 
 /// SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
+    one_signal().await;
+    // The shutdown is orderly and bounded, but whoever sends a second signal wants out now.
+    tokio::spawn(async {
+        one_signal().await;
+        // Not through tracing: its writer may be gone (a closed stderr), and nothing may keep
+        // this from exiting.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"second signal: exiting at once\n");
+        #[allow(clippy::exit)] // the one place the service exits without unwinding, on request
+        std::process::exit(130);
+    });
+}
+
+/// SIGINT or SIGTERM.
+async fn one_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {

@@ -635,4 +635,53 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert!(a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
     }
+
+    /// SDP-ish text: lines of the kinds an offer has, with arbitrary values.
+    fn sdp_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let line = (
+            proptest::sample::select(vec![
+                "v=",
+                "o=",
+                "s=",
+                "t=",
+                "m=video ",
+                "a=rtpmap:",
+                "a=fmtp:",
+                "a=mid:",
+                "c=",
+                "a=ice-ufrag:",
+                "a=fingerprint:sha-256 ",
+                "a=setup:",
+                "a=group:BUNDLE ",
+            ]),
+            "[ -~]{0,40}",
+        )
+            .prop_map(|(k, v)| format!("{k}{v}"));
+        proptest::collection::vec(line, 0..24).prop_map(|l| l.join("\r\n") + "\r\n")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+        /// Whatever a WHIP client posts, the answer is an error that names the offer (or an
+        /// answer), never a panic, and nothing is left registered.
+        #[test]
+        fn any_offer_text_is_answered_or_refused(text in proptest::prop_oneof![sdp_like(), "\\PC{0,200}"]) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let whip = Whip::new(WebrtcConfig { udp_addrs: vec!["127.0.0.1:0".into()], ..Default::default() });
+            let outcome = rt.block_on(whip.publish(text));
+            if let Err(e) = &outcome {
+                proptest::prop_assert!(matches!(e, WhipError::BadOffer(_) | WhipError::NoVideo), "{e}");
+            }
+            if outcome.is_err() {
+                proptest::prop_assert!(whip.list().is_empty());
+            }
+        }
+
+        /// ICE server settings: any text parses or is refused, without a panic.
+        #[test]
+        fn any_ice_server_text_parses_or_is_refused(text in "\\PC{0,80}") {
+            let _ = text.parse::<IceServer>();
+        }
+    }
 }

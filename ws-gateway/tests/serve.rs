@@ -666,3 +666,43 @@ async fn connections_that_never_finish_their_headers_are_closed() {
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_multipart_uploads_get_a_4xx_and_the_server_keeps_serving() {
+    use proptest::prelude::*;
+    let mut server = start(None, 200_000).await;
+    let base = server.base.clone();
+    tokio::task::spawn_blocking(move || {
+        // Bodies made of multipart pieces in any order and amount, with any bytes between.
+        let piece = prop_oneof![
+            Just(b"--b\r\n".to_vec()),
+            Just(b"--b--\r\n".to_vec()),
+            Just(b"Content-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n".to_vec()),
+            Just(b"Content-Disposition: form-data; name=\"other\"\r\n".to_vec()),
+            Just(b"\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ];
+        let body = proptest::collection::vec(piece, 0..16).prop_map(|p| p.concat());
+        let content_type =
+            prop_oneof![Just("multipart/form-data; boundary=b"), Just("multipart/form-data"), Just("text/plain")];
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 64, ..Default::default() });
+        runner
+            .run(&(body, content_type), |(body, ct)| {
+                let status =
+                    match ureq::post(&format!("http://{base}/v1/uploads")).set("Content-Type", ct).send_bytes(&body) {
+                        Ok(r) => r.status(),
+                        Err(ureq::Error::Status(c, _)) => c,
+                        Err(e) => return Err(proptest::test_runner::TestCaseError::fail(format!("transport: {e}"))),
+                    };
+                prop_assert!((400..500).contains(&status), "{status} for {:?}", String::from_utf8_lossy(&body));
+                Ok(())
+            })
+            .unwrap();
+        let health = ureq::get(&format!("http://{base}/v1/health")).call().unwrap().status();
+        assert_eq!(health, 200);
+    })
+    .await
+    .unwrap();
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+}

@@ -11,14 +11,13 @@ scripts/setup.sh
 seconds="${1:-60}"; clients="${2:-50}"; stalled="${3:-10}"
 cargo build -q --release --locked -p ws-gateway --bin lookout
 cargo bench -q --locked -p ws-gateway --bench load --no-run
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/common.sh
 work=$(mktemp -d)
 port=$(free_port)
 target/release/lookout serve --model fixtures/models/tiny-tied --port "$port" --data-dir "$work/data" \
   > "$work/lookout.log" 2>&1 &
 lookout=$!
 trap 'kill $lookout 2>/dev/null || true; rm -rf "$work"' EXIT
-ready() { /usr/bin/python3 -c "import urllib.request,sys; sys.exit(0 if b'ready' in urllib.request.urlopen('http://127.0.0.1:$port/v1/health').read() else 1)" 2>/dev/null; }
-for _ in $(seq 150); do ready && break; sleep 0.2; done
+wait_ready "$port"
 LOOKOUT_BASE="127.0.0.1:$port" LOOKOUT_PID=$lookout \
   cargo bench -q --locked -p ws-gateway --bench load -- "$seconds" "$clients" "$stalled"

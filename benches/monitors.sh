@@ -12,7 +12,7 @@ scripts/setup.sh
 seconds="${1:-60}"; n="${2:-16}"; events="${3:-100000}"
 cargo build -q --release --locked -p ws-gateway --bin lookout
 cargo bench -q --locked -p ws-gateway --bench monitors --no-run
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/common.sh
 work=$(mktemp -d)
 rtsp_port=$(free_port); http_port=$(free_port)
 /usr/bin/python3 tools/rtsp_server.py --port "$rtsp_port" --shared > "$work/rtsp.log" 2>&1 &
@@ -21,8 +21,8 @@ target/release/lookout serve --model fixtures/models/tiny-tied --port "$http_por
   --max-connections 64 > "$work/lookout.log" 2>&1 &
 lookout=$!
 trap 'kill $rtsp $lookout 2>/dev/null || true; rm -rf "$work"' EXIT
-ready() { /usr/bin/python3 -c "import urllib.request,sys; sys.exit(0 if b'ready' in urllib.request.urlopen('http://127.0.0.1:$http_port/v1/health').read() else 1)" 2>/dev/null; }
-for _ in $(seq 150); do grep -q READY "$work/rtsp.log" && ready && break; sleep 0.2; done
+for _ in $(seq 150); do grep -q READY "$work/rtsp.log" && break; sleep 0.2; done
+wait_ready "$http_port"
 echo "== $n monitors on RTSP, ${seconds} s"
 LOOKOUT_BASE="127.0.0.1:$http_port" LOOKOUT_PID=$lookout \
   cargo bench -q --locked -p ws-gateway --bench monitors -- live "rtsp://127.0.0.1:$rtsp_port/h264" "$seconds" "$n"

@@ -455,7 +455,8 @@ impl Worker {
             None => None,
         };
         let mut decided: Option<Decision> = None;
-        let mut text_flushed = false;
+        // What the grammar forces after a decision that ended generation (`stop_when_decided`).
+        let mut forced = String::new();
         let mut sampler = Sampler::new(params.sampling.clone(), logits.len(), &prompt.ids);
         let mut stream = TokenStream::new(self.processor.clone());
         let mut stops = StopMatcher::new(&params.stop);
@@ -517,15 +518,7 @@ impl Worker {
                     break;
                 }
                 if c.stop {
-                    // What the grammar forces after the decision, as if the model had said it.
-                    if let Some(rest) = rest.filter(|r| !r.is_empty()) {
-                        let mut flushed = stream.flush()?.unwrap_or_default();
-                        let (release, _) = stops.feed(&flushed);
-                        flushed = release + &stops.drain() + &rest;
-                        text.push_str(&flushed);
-                        let _ = events.send(EngineEvent::Token { text: flushed });
-                        text_flushed = true;
-                    }
+                    forced = rest.unwrap_or_default();
                     finish = FinishReason::Stop;
                     break;
                 }
@@ -535,11 +528,12 @@ impl Worker {
             }
             logits = self.model.decode(token, position, &mut cache)?.to_vec1()?;
         }
-        if !text_flushed && (finish == FinishReason::Length || !stops.hit) {
+        if finish == FinishReason::Length || !stops.hit {
             let mut rest = stream.flush()?.unwrap_or_default();
             if !stops.hit {
                 let (release, _) = stops.feed(&rest);
-                rest = release + &stops.drain();
+                // The forced rest completes the text as if the model had said it.
+                rest = release + &stops.drain() + &forced;
             }
             if !rest.is_empty() {
                 text.push_str(&rest);

@@ -80,11 +80,12 @@ impl Default for RtspOptions {
 /// Why a camera URL may not reach `ip`, if it may not. Cameras live on private networks, so
 /// loopback, private and public addresses are allowed; unspecified, multicast and broadcast
 /// addresses are not addresses of a camera, and link-local ones (the cloud metadata service at
-/// 169.254.169.254 among them) only with `allow_link_local`. IPv4 inside IPv6 is judged as IPv4.
+/// 169.254.169.254 among them) only with `allow_link_local`. IPv4 inside IPv6 is judged as IPv4
+/// ([`embedded_ipv4`]).
 pub fn refused_address(ip: std::net::IpAddr, allow_link_local: bool) -> Option<&'static str> {
     use std::net::IpAddr;
     let ip = match ip {
-        IpAddr::V6(v) => v.to_ipv4_mapped().map_or(IpAddr::V6(v), IpAddr::V4),
+        IpAddr::V6(v) => embedded_ipv4(v).map_or(IpAddr::V6(v), IpAddr::V4),
         v4 @ IpAddr::V4(_) => v4,
     };
     let (unusable, link_local) = match ip {
@@ -100,6 +101,18 @@ pub fn refused_address(ip: std::net::IpAddr, allow_link_local: bool) -> Option<&
         )
     } else {
         None
+    }
+}
+
+/// The IPv4 address inside an IPv6 one, for the forms that route to it: mapped
+/// (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`). Address
+/// policies (this module's and the server's URL guard) judge these as the IPv4 address.
+pub fn embedded_ipv4(v: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v.segments();
+    let tail = || std::net::Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff | 0, ..] | [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(tail()),
+        _ => None,
     }
 }
 

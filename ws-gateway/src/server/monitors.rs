@@ -99,7 +99,9 @@ impl AppState {
         // The answer shape compiles against the model's tokenizer (checked when a model is
         // loaded; otherwise the monitor's windows report it).
         if let Ok(analyzer) = self.analyzer() {
-            crate::watch::check_answer(&analyzer, &params).await.map_err(ApiFailure::bad_request)?;
+            crate::watch::check_answer(&analyzer, &params, "generation.answer")
+                .await
+                .map_err(ApiFailure::bad_request)?;
         }
         crate::watch::WatchSpec::new(row.source.clone(), row.prompt.clone(), &row.window, params)
             .map_err(ApiFailure::bad_request)?;

@@ -300,7 +300,9 @@ pub(crate) async fn chat_completions(
         stop_when_decided: req.stop_when_decided,
     };
     let generation = super::generation(&settings, 256);
-    super::rest::check_answer(&engine, &generation).await?;
+    crate::watch::check_answer(&state.analyzer()?, &generation, "response_format")
+        .await
+        .map_err(ApiFailure::bad_request)?;
     let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(submit_failure)?;
     let id = format!("chatcmpl-{}", new_id());
     // The model that answers, whatever the request named.

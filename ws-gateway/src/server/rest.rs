@@ -50,21 +50,6 @@ struct Ask {
     response_format: Option<protocol::ResponseFormat>,
 }
 
-/// Compiles a request's answer shape off the runtime; a shape that does not compile is a 400
-/// that says which part.
-pub(crate) async fn check_answer(
-    engine: &inference::Engine,
-    generation: &inference::GenerationParams,
-) -> Result<(), ApiFailure> {
-    let Some(spec) = generation.answer.clone() else { return Ok(()) };
-    let e = engine.clone();
-    match tokio::task::spawn_blocking(move || e.check_answer(&spec)).await.map_err(internal)? {
-        Ok(()) => Ok(()),
-        Err(inference::Error::Input(m)) => Err(ApiFailure::bad_request(format!("response_format: {m}"))),
-        Err(other) => Err(internal(other)),
-    }
-}
-
 /// Why the engine refused a request, as an HTTP answer.
 pub(crate) fn submit_failure(e: inference::Error) -> ApiFailure {
     match e {
@@ -122,7 +107,9 @@ async fn analyze(
     let answer = response_format.as_ref().and_then(protocol::ResponseFormat::answer);
     let settings = protocol::GenerationSettings { temperature, max_tokens, answer, ..Default::default() };
     let generation = super::generation(&settings, 256);
-    check_answer(&engine, &generation).await?;
+    crate::watch::check_answer(&state.analyzer()?, &generation, "response_format")
+        .await
+        .map_err(ApiFailure::bad_request)?;
     let request = inference::Request {
         messages: vec![inference::processor::Message::user_video(&prompt)],
         videos: vec![sampled.into_video_input()],
@@ -238,19 +225,8 @@ fn is_private(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] & 0xffc0) == 0xfec0 // site-local
-                || embedded_v4(v).is_some_and(|m| is_private(IpAddr::V4(m)))
+                || ingest::rtsp::embedded_ipv4(v).is_some_and(|m| is_private(IpAddr::V4(m)))
         }
-    }
-}
-
-/// The IPv4 address inside an IPv6 one, for the forms that route to it.
-fn embedded_v4(v: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
-    let s = v.segments();
-    let tail = || std::net::Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
-    match s {
-        [0, 0, 0, 0, 0, 0xffff | 0, ..] => Some(tail()),
-        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(tail()),
-        _ => None,
     }
 }
 

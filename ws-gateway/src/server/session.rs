@@ -286,7 +286,7 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
             }
         };
         let params = super::generation(&generation, 128);
-        if let Err(e) = crate::watch::check_answer(&analyzer, &params).await {
+        if let Err(e) = crate::watch::check_answer(&analyzer, &params, "generation.answer").await {
             self.out.send(err(ErrorCode::BadRequest, &e, true)).await?;
             return Err(Ending::new(EndReason::Rejected, e));
         }

@@ -97,17 +97,19 @@ impl Analyzer for inference::Engine {
 }
 
 /// Checks a request's answer shape on a blocking thread (compiling a JSON schema can take
-/// milliseconds); the error says what to change.
+/// milliseconds); the error names `field` (where the request gave the shape) and says what to
+/// change. Every API checks shapes here.
 pub(crate) async fn check_answer(
     analyzer: &Arc<dyn Analyzer>,
     params: &inference::GenerationParams,
+    field: &str,
 ) -> Result<(), String> {
     let Some(spec) = params.answer.clone() else { return Ok(()) };
     let a = analyzer.clone();
     tokio::task::spawn_blocking(move || a.check_answer(&spec))
         .await
         .map_err(|e| format!("checking the answer format failed: {e}"))?
-        .map_err(|e| format!("generation.answer: {e}"))
+        .map_err(|e| format!("{field}: {e}"))
 }
 
 /// What a source is opened into.

@@ -1,0 +1,12 @@
+# Shared by the bench scripts (sourced): a free port on 127.0.0.1, and a wait for a server's
+# model to be ready.
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_ready PORT: up to 30 s for /v1/health to say "ready".
+wait_ready() {
+  for _ in $(seq 150); do
+    /usr/bin/python3 -c "import urllib.request,sys; sys.exit(0 if b'ready' in urllib.request.urlopen('http://127.0.0.1:$1/v1/health').read() else 1)" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "the server on port $1 never became ready" >&2
+  return 1
+}

@@ -43,7 +43,7 @@ pub(crate) async fn frame_jpeg(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let Some(frame) = state.watches.get(&id).and_then(|w| w.progress.latest()) else {
+    let Some(frame) = state.watches.get(&id).and_then(|w| w.live_frame()) else {
         return ApiFailure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("no frame of watch {id:?} yet"))
             .into_response();
     };

@@ -310,6 +310,13 @@ impl Shared {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
+    /// The newest frame while the watch runs; none once it has ended (its state changes before
+    /// `ended` is published, while the registry forgets it only after its task returns).
+    pub(crate) fn live_frame(&self) -> Option<ingest::Frame> {
+        let state = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(state, WatchState::Ended | WatchState::Failed) { None } else { self.progress.latest() }
+    }
+
     /// What `subscribe` answers first.
     pub(crate) fn subscribed(&self) -> ServerMessage {
         ServerMessage::Subscribed {

@@ -11,6 +11,8 @@ packages=(
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   chromium
+  # Alert tests: a real MQTT broker (started by the tests on a free port, not as a service).
+  mosquitto
 )
 
 missing=()

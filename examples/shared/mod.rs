@@ -55,6 +55,9 @@ pub(crate) async fn print_session(ws: &mut Ws) -> Result<(), Box<dyn std::error:
             }
             ServerMessage::Subscribed { watch, prompt, .. } => println!("following watch {watch}: {prompt}"),
             ServerMessage::Lagged { missed } => eprintln!("fell behind: {missed} events skipped"),
+            ServerMessage::Alert { monitor, incident, state, window, text } => {
+                println!("\n  ALERT {state:?} on {monitor} (incident {incident}, window {window}): {text}")
+            }
         }
         out.flush()?;
     }

@@ -420,7 +420,8 @@ impl Component for Analyse {
                         }
                     }
                     // The window's text shows a constrained answer as it streams.
-                    ServerMessage::Decided { .. } => {}
+                    // Ad-hoc sessions have no alert rules.
+                    ServerMessage::Decided { .. } | ServerMessage::Alert { .. } => {}
                     ServerMessage::Skipped { windows, .. } => self.status.skipped += windows,
                     ServerMessage::Status { ingest_fps, frames_dropped, lag_ms } => {
                         self.status.ingest_fps = ingest_fps;

@@ -8,8 +8,9 @@
 //!   paging to older events.
 
 use protocol::{
-    ClientMessage, Event, EventPage, GenerationSettings, Monitor, MonitorList, MonitorPatch, MonitorRequest,
-    ServerMessage, Source, WatchState, WindowSettings,
+    AlertCondition, AlertRule, AnswerFormat, ClientMessage, Confirm, Event, EventPage, GenerationSettings, Incident,
+    IncidentList, Monitor, MonitorList, MonitorPatch, MonitorRequest, NotifyTarget, ServerMessage, Source, WatchState,
+    WebhookTarget, WindowSettings,
 };
 use web_sys::HtmlInputElement;
 use yew::prelude::*;
@@ -50,6 +51,16 @@ struct MonitorForm {
     window_s: String,
     fps: String,
     max_tokens: String,
+    /// The answer's options, comma-separated (empty: free text).
+    choices: String,
+    /// What alerts: the option (with choices) or a regex the text contains (free text); empty: no alert.
+    alert_when: String,
+    /// N of M windows confirm it.
+    confirm_n: String,
+    confirm_m: String,
+    webhook_url: String,
+    /// The stored webhook's secret as the API shows it (`***`): sent back, it keeps the secret.
+    webhook_secret: Option<String>,
 }
 
 impl Default for MonitorForm {
@@ -63,6 +74,12 @@ impl Default for MonitorForm {
             window_s: "4".into(),
             fps: "2".into(),
             max_tokens: "64".into(),
+            choices: String::new(),
+            alert_when: String::new(),
+            confirm_n: "1".into(),
+            confirm_m: "1".into(),
+            webhook_url: String::new(),
+            webhook_secret: None,
         }
     }
 }
@@ -81,7 +98,57 @@ impl MonitorForm {
             window_s: m.window.seconds.map_or("4".into(), |v| v.to_string()),
             fps: m.window.fps.map_or("2".into(), |v| v.to_string()),
             max_tokens: m.generation.max_tokens.map_or("64".into(), |v| v.to_string()),
+            choices: match &m.generation.answer {
+                Some(AnswerFormat::Choice(c)) => c.join(", "),
+                _ => String::new(),
+            },
+            alert_when: m
+                .alert
+                .as_ref()
+                .and_then(|a| {
+                    a.when
+                        .matches
+                        .clone()
+                        .or_else(|| a.when.equals.as_ref().and_then(|v| v.as_str().map(str::to_owned)))
+                })
+                .unwrap_or_default(),
+            confirm_n: m.alert.as_ref().and_then(|a| a.confirm).map_or("1".into(), |c| c.windows.to_string()),
+            confirm_m: m.alert.as_ref().and_then(|a| a.confirm).map_or("1".into(), |c| c.of.to_string()),
+            webhook_url: webhook(m).map(|w| w.url.clone()).unwrap_or_default(),
+            webhook_secret: webhook(m).and_then(|w| w.secret.clone()),
         }
+    }
+
+    fn choices(&self) -> Vec<String> {
+        self.choices.split(',').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect()
+    }
+
+    /// The alert rule the form describes (none when "Alert when" is empty).
+    fn alert(&self) -> Result<Option<AlertRule>, String> {
+        let when = self.alert_when.trim();
+        if when.is_empty() {
+            return Ok(None);
+        }
+        let choices = self.choices();
+        let condition = if choices.is_empty() {
+            AlertCondition { matches: Some(when.to_owned()), ..Default::default() }
+        } else {
+            AlertCondition { equals: Some(serde_json::Value::from(when)), ..Default::default() }
+        };
+        let (n, m): (u32, u32) = (number(&self.confirm_n, "Confirm")?, number(&self.confirm_m, "of")?);
+        let url = self.webhook_url.trim();
+        let notify = if url.is_empty() {
+            Vec::new()
+        } else {
+            vec![NotifyTarget::Webhook(WebhookTarget { url: url.to_owned(), secret: self.webhook_secret.clone() })]
+        };
+        Ok(Some(AlertRule {
+            when: condition,
+            confirm: Some(Confirm { windows: n, of: m }),
+            clear_after: None,
+            cooldown_s: None,
+            notify,
+        }))
     }
 
     fn window(&self) -> Result<WindowSettings, String> {
@@ -93,8 +160,17 @@ impl MonitorForm {
     }
 
     fn generation(&self) -> Result<GenerationSettings, String> {
-        Ok(GenerationSettings { max_tokens: Some(number(&self.max_tokens, "Max tokens")?), ..Default::default() })
+        let choices = self.choices();
+        Ok(GenerationSettings {
+            max_tokens: Some(number(&self.max_tokens, "Max tokens")?),
+            answer: (!choices.is_empty()).then_some(AnswerFormat::Choice(choices)),
+            ..Default::default()
+        })
     }
+}
+
+fn webhook(m: &Monitor) -> Option<&WebhookTarget> {
+    m.alert.as_ref()?.notify.iter().map(|NotifyTarget::Webhook(w)| w).next()
 }
 
 /// The monitors view's properties.
@@ -119,6 +195,7 @@ pub(crate) enum Msg {
     Done(Result<(), String>),
     Open(String),
     CloseHistory,
+    Incidents(Result<IncidentList, String>),
 }
 
 /// The monitors view.
@@ -130,6 +207,8 @@ pub(crate) struct MonitorsView {
     open: Option<String>,
     file_input: NodeRef,
     _upload: Option<net::Upload>,
+    /// The newest incidents.
+    incidents: Vec<Incident>,
 }
 
 impl MonitorsView {
@@ -142,9 +221,9 @@ impl MonitorsView {
     }
 
     fn create(&mut self, ctx: &Context<Self>, form: &MonitorForm, source: Source) {
-        let (window, generation) = match (form.window(), form.generation()) {
-            (Ok(w), Ok(g)) => (w, g),
-            (Err(e), _) | (_, Err(e)) => return self.fail(e),
+        let (window, generation, alert) = match (form.window(), form.generation(), form.alert()) {
+            (Ok(w), Ok(g), Ok(a)) => (w, g, a),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return self.fail(e),
         };
         let req = MonitorRequest {
             name: form.name.trim().to_owned(),
@@ -154,11 +233,49 @@ impl MonitorsView {
             generation: Some(generation),
             enabled: None,
             retention: None,
+            answer: None,
+            alert,
         };
         let key = Self::key(ctx);
         self.saving = true;
         ctx.link()
             .send_future(async move { Msg::Saved(Box::new(net::send_json("POST", "/v1/monitors", &key, &req).await)) });
+    }
+}
+
+impl MonitorsView {
+    fn incidents_view(&self, key: &str) -> Html {
+        if self.incidents.is_empty() {
+            return html! {};
+        }
+        let names: std::collections::HashMap<&str, &str> = self
+            .list
+            .as_ref()
+            .map(|l| l.iter().map(|m| (m.id.as_str(), m.name.as_str())).collect())
+            .unwrap_or_default();
+        let rows = self.incidents.iter().map(|i| {
+            let open = i.state == protocol::IncidentState::Open;
+            let frame = i.frames.first().map(|f| with_key(f, key));
+            let text = i.windows.first().map(|w| w.text.clone()).unwrap_or_default();
+            html! {
+                <div class="incident" data-incident={i.id.clone()}>
+                    if let Some(src) = frame { <img class="evidence" alt="the key frame of the window that opened it" src={src} /> }
+                    <div>
+                        <strong>{names.get(i.monitor.as_str()).copied().unwrap_or(i.monitor.as_str())}</strong>
+                        <span class={if open { "badge failed" } else { "badge paused" }}>{if open { "open" } else { "closed" }}</span>
+                        <p class="meta">{format!("opened {}{} · {} window(s)", i.opened_at,
+                            i.closed_at.as_ref().map(|c| format!(", closed {c}")).unwrap_or_default(), i.windows.len())}</p>
+                        <p class="last">{text}</p>
+                    </div>
+                </div>
+            }
+        });
+        html! {
+            <section class="incidents card" id="incidents">
+                <h2>{"Incidents"}</h2>
+                {for rows}
+            </section>
+        }
     }
 }
 
@@ -176,6 +293,7 @@ impl Component for MonitorsView {
             open: None,
             file_input: NodeRef::default(),
             _upload: None,
+            incidents: Vec::new(),
         }
     }
 
@@ -188,6 +306,9 @@ impl Component for MonitorsView {
             }
             Msg::Listed(r) => {
                 self.list = r.map(|l| l.monitors);
+                let k = key.clone();
+                ctx.link()
+                    .send_future(async move { Msg::Incidents(net::get_json("/v1/incidents?limit=10", &k).await) });
                 ctx.link().send_future(async {
                     net::sleep(2000).await;
                     Msg::Poll
@@ -215,6 +336,16 @@ impl Component for MonitorsView {
                         "prompt" => f.prompt = v,
                         "window" => f.window_s = v,
                         "fps" => f.fps = v,
+                        "choices" => f.choices = v,
+                        "alert_when" => f.alert_when = v,
+                        "confirm_n" => f.confirm_n = v,
+                        "confirm_m" => f.confirm_m = v,
+                        "webhook_url" => {
+                            if v != f.webhook_url {
+                                f.webhook_secret = None;
+                            }
+                            f.webhook_url = v;
+                        }
                         _ => f.max_tokens = v,
                     }
                 }
@@ -224,9 +355,9 @@ impl Component for MonitorsView {
                 let Some(form) = self.form.clone() else { return false };
                 self.error = None;
                 if let Some(id) = &form.editing {
-                    let (window, generation) = match (form.window(), form.generation()) {
-                        (Ok(w), Ok(g)) => (w, g),
-                        (Err(e), _) | (_, Err(e)) => {
+                    let (window, generation, alert) = match (form.window(), form.generation(), form.alert()) {
+                        (Ok(w), Ok(g), Ok(a)) => (w, g, a),
+                        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                             self.fail(e);
                             return true;
                         }
@@ -236,6 +367,7 @@ impl Component for MonitorsView {
                         prompt: Some(form.prompt.clone()),
                         window: Some(window),
                         generation: Some(generation),
+                        alert: Some(alert),
                         ..Default::default()
                     };
                     let path = format!("/v1/monitors/{id}");
@@ -320,6 +452,13 @@ impl Component for MonitorsView {
                 self.open = None;
                 true
             }
+            Msg::Incidents(r) => {
+                // A failure shows in the list's own error; keep the last incidents meanwhile.
+                if let Ok(l) = r {
+                    self.incidents = l.incidents;
+                }
+                true
+            }
         }
     }
 
@@ -359,6 +498,20 @@ impl Component for MonitorsView {
                         <label class="num">{"FPS"}<input id="monitor-fps" type="text" value={f.fps.clone()} oninput={field("fps")} /></label>
                         <label class="num">{"Max tokens"}<input id="monitor-max-tokens" type="text" value={f.max_tokens.clone()} oninput={field("max_tokens")} /></label>
                     </div>
+                    <fieldset class="rule">
+                        <legend>{"Answer and alert"}</legend>
+                        <label>{"Answer options (comma-separated; empty for free text)"}
+                            <input id="monitor-choices" type="text" placeholder="yes, no" value={f.choices.clone()} oninput={field("choices")} /></label>
+                        <label>{if f.choices().is_empty() { "Alert when the answer contains (a regex; empty: no alert)" } else { "Alert when the answer is (one of the options; empty: no alert)" }}
+                            <input id="monitor-alert-when" type="text" placeholder={if f.choices().is_empty() { "(?i)person" } else { "yes" }}
+                                value={f.alert_when.clone()} oninput={field("alert_when")} /></label>
+                        <div class="grid3">
+                            <label class="num">{"Confirm in"}<input id="monitor-confirm-n" type="text" value={f.confirm_n.clone()} oninput={field("confirm_n")} /></label>
+                            <label class="num">{"of the last windows"}<input id="monitor-confirm-m" type="text" value={f.confirm_m.clone()} oninput={field("confirm_m")} /></label>
+                        </div>
+                        <label>{"Webhook (optional)"}<input id="monitor-webhook" type="text" placeholder="http://homeassistant.local:8123/api/webhook/..."
+                            value={f.webhook_url.clone()} oninput={field("webhook_url")} /></label>
+                    </fieldset>
                     <div class="controls">
                         <button id="monitor-save" class="primary" disabled={self.saving} onclick={link.callback(|_| Msg::Save)}>{if self.saving { "Saving…" } else { "Save" }}</button>
                         <button onclick={link.callback(|_| Msg::CloseForm)}>{"Cancel"}</button>
@@ -399,6 +552,7 @@ impl Component for MonitorsView {
                 </div>
                 {for form}
                 <div class="monitor-grid" id="monitor-grid">{cards}</div>
+                {self.incidents_view(&key)}
                 {for page}
             </div>
         }
@@ -431,6 +585,8 @@ pub(crate) struct MonitorCard {
     last: Option<String>,
     notice: Option<String>,
     tick: u32,
+    /// The open incident, as the alert messages tell it (from the listing at first).
+    incident: Option<String>,
 }
 
 impl Component for MonitorCard {
@@ -448,7 +604,8 @@ impl Component for MonitorCard {
         )
         .ok();
         ctx.link().send_message(CardMsg::Tick);
-        MonitorCard { _socket: socket, current: None, last: None, notice: None, tick: 0 }
+        let incident = p.monitor.open_incident.clone();
+        MonitorCard { _socket: socket, current: None, last: None, notice: None, tick: 0, incident }
     }
 
     fn update(&mut self, ctx: &Context<Self>, msg: Self::Message) -> bool {
@@ -467,6 +624,9 @@ impl Component for MonitorCard {
                 ServerMessage::Reconnecting { error, .. } => self.notice = Some(format!("reconnecting: {error}")),
                 ServerMessage::Resumed { .. } | ServerMessage::Ready { .. } => self.notice = None,
                 ServerMessage::Ended { message, .. } => self.notice = Some(message),
+                ServerMessage::Alert { incident, state, .. } => {
+                    self.incident = (state == protocol::AlertState::Firing).then_some(incident);
+                }
                 _ => return false,
             },
             CardMsg::Closed => self._socket = None,
@@ -493,6 +653,9 @@ impl Component for MonitorCard {
             <div class="card monitor-card" data-monitor={m.id.clone()}>
                 <div class="card-head">
                     <strong class="name">{&m.name}</strong>
+                    if let Some(i) = &self.incident {
+                        <span class="alert-badge bad" data-incident={i.clone()} title="an incident is open">{"ALERT"}</span>
+                    }
                     <span class={format!("{class} state")}>{label}</span>
                 </div>
                 if m.state == WatchState::Running || m.state == WatchState::Reconnecting {

@@ -535,6 +535,227 @@ pub enum ServerMessage {
         /// Why, for people (what happened, and what to do when something can be done).
         message: String,
     },
+    /// A monitor's alert rule fired (an incident opened) or was resolved (the incident closed).
+    /// `firing` is sent the moment the streamed tokens decide the rule, before the window ends.
+    Alert {
+        /// The monitor.
+        monitor: String,
+        /// The incident.
+        incident: String,
+        /// `firing` or `resolved`.
+        state: AlertState,
+        /// The window that opened or closed it.
+        window: u64,
+        /// That window's answer so far (the whole answer when resolved).
+        text: String,
+    },
+}
+
+/// Whether an alert is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// An incident is open.
+    Firing,
+    /// The incident closed.
+    Resolved,
+}
+
+/// A monitor's alert rule: `{"when": ..., "confirm": {"windows": 2, "of": 3}, "clear_after": 2,
+/// "cooldown_s": 60, "notify": [{"webhook": {"url": ..., "secret": ...}}]}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    /// What makes a window positive.
+    pub when: AlertCondition,
+    /// An incident opens when `windows` of the last `of` windows are positive (default 1 of 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<Confirm>,
+    /// An open incident closes after this many negative windows in a row (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clear_after: Option<u32>,
+    /// After an incident closes, no new one opens for this long (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_s: Option<f64>,
+    /// Where notifications go (MQTT, when the server has `--mqtt-url`, gets every monitor's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyTarget>,
+}
+
+/// N of the last M windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {
+    /// Positive windows needed (N).
+    pub windows: u32,
+    /// Out of the last this many (M).
+    pub of: u32,
+}
+
+/// What makes a window positive. One test of:
+/// - `{"equals": "yes"}`: the whole answer (a choice, a regex answer) equals the value;
+/// - `{"pointer": "/person", "equals": true}`: the value at a JSON pointer of a JSON answer;
+/// - `{"pointer": "/count", "gt": 2}` (or `gte`, `lt`, `lte`): a number there compared;
+/// - `{"matches": "REGEX"}`: the answer (free text) contains a match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertCondition {
+    /// A JSON pointer into a JSON answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
+    /// The value must equal this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<serde_json::Value>,
+    /// A number greater than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt: Option<f64>,
+    /// At least this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gte: Option<f64>,
+    /// Less than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lt: Option<f64>,
+    /// At most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lte: Option<f64>,
+    /// The text contains a match of this regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matches: Option<String>,
+}
+
+/// Where an alert's notifications go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NotifyTarget {
+    /// A JSON POST to a URL, signed when a secret is given.
+    Webhook(WebhookTarget),
+}
+
+/// A webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTarget {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// HMAC-SHA256 key: each POST carries `X-Lookout-Signature: sha256=<hex of the HMAC of the
+    /// body>`. Never shown again (responses give `***`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl AlertRule {
+    /// The same rule with webhook secrets and URL passwords replaced by `***`.
+    pub fn redacted(&self) -> AlertRule {
+        let mut r = self.clone();
+        for NotifyTarget::Webhook(w) in &mut r.notify {
+            w.url = redact_url(&w.url);
+            if w.secret.is_some() {
+                w.secret = Some("***".to_owned());
+            }
+        }
+        r
+    }
+}
+
+/// An incident: consecutive confirmed positive windows of one monitor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    /// Id.
+    pub id: String,
+    /// The monitor.
+    pub monitor: String,
+    /// `open` or `closed`.
+    pub state: IncidentState,
+    /// When it opened, RFC 3339 (UTC).
+    pub opened_at: String,
+    /// When it closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
+    /// The positive windows that make it up, oldest first.
+    pub windows: Vec<IncidentWindow>,
+    /// Key frames: `/v1/incidents/{id}/frames/{n}.jpg`, one per window in `windows`.
+    pub frames: Vec<String>,
+}
+
+/// Open or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentState {
+    /// Still firing.
+    Open,
+    /// Resolved.
+    Closed,
+}
+
+/// One window of an incident.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentWindow {
+    /// Window id within its watch.
+    pub window: u64,
+    /// Stream time of its first frame, seconds.
+    pub start_s: f64,
+    /// Stream time of its last frame.
+    pub end_s: f64,
+    /// When the rule decided it, RFC 3339 (UTC).
+    pub decided_at: String,
+    /// The answer (the whole answer once the window ended).
+    pub text: String,
+}
+
+/// `GET /v1/incidents`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentList {
+    /// The incidents.
+    pub incidents: Vec<Incident>,
+}
+
+/// One notification and how its delivery went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Id, also sent as `X-Lookout-Delivery` (idempotency key for receivers).
+    pub id: String,
+    /// The incident.
+    pub incident: String,
+    /// The monitor.
+    pub monitor: String,
+    /// `incident.opened`, `incident.updated` or `incident.resolved`.
+    pub event: String,
+    /// Where (the webhook URL, passwords replaced).
+    pub target: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: DeliveryState,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it was queued, RFC 3339 (UTC).
+    pub created_at: String,
+    /// When the receiver accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+    /// When the next attempt is due (pending only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+/// A delivery's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Not yet accepted; retried with backoff.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed.
+    Failed,
+}
+
+/// `GET /v1/deliveries`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryList {
+    /// The deliveries.
+    pub deliveries: Vec<Delivery>,
 }
 
 /// How long a monitor keeps its history. Either limit may be left out (the server's default
@@ -572,6 +793,12 @@ pub struct MonitorRequest {
     /// History limits (the server's defaults otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// The answer's shape: the same as `generation.answer` (give one or the other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerFormat>,
+    /// An alert rule on the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertRule>,
 }
 
 /// `PATCH /v1/monitors/{id}`: the fields to change.
@@ -596,6 +823,19 @@ pub struct MonitorPatch {
     /// Pause (false) or resume (true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// A new answer shape (`generation.answer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerFormat>,
+    /// A new alert rule; `null` removes it (an open incident is then resolved).
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[allow(clippy::option_option, reason = "missing, null and a value mean three different things in a PATCH")]
+    pub alert: Option<Option<AlertRule>>,
+}
+
+/// A field that may be given as `null`: `Some(None)`, unlike a missing one (`None`).
+#[allow(clippy::option_option, reason = "missing, null and a value mean three different things in a PATCH")]
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// What a monitor has done since the server started (events: ever, as stored).
@@ -630,6 +870,12 @@ pub struct Monitor {
     pub enabled: bool,
     /// History limits in force (the server's defaults filled in).
     pub retention: Retention,
+    /// The alert rule (secrets replaced by `***`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertRule>,
+    /// Whether an incident is open, and which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_incident: Option<String>,
     /// What it is doing.
     pub state: WatchState,
     /// Why it failed or ended, when it did.

@@ -8,7 +8,9 @@
 //   3. watches GStreamer's RTSP server (tools/rtsp_server.py) through the RTSP tab;
 //   4. creates a monitor (a clip looped as a camera), sees its tokens stream on its card, opens its
 //      history, searches it, and deletes it;
-//   5. gets a clear error for a camera that is not there.
+//   5. makes a monitor with an alert rule in the form, sees the ALERT badge and the incident with
+//      its key frame;
+//   6. gets a clear error for a camera that is not there.
 // Screenshots go to target/browser-artifacts/. Run by scripts/test.sh (after the binary is built).
 
 import { chromium } from "playwright-core";
@@ -305,6 +307,41 @@ async function main() {
     await page.waitForSelector("#history-empty", { timeout: 30000 });
     if (thumbs < 1) throw new Error("no thumbnail loaded in the history");
     // Delete: the card goes.
+    await page.click(".monitor-card .delete");
+    await page.waitForSelector("#no-monitors", { timeout: 30000 });
+  });
+
+  await test("alerts: a rule made in the form fires, the card shows ALERT, the incident lists its key frame", async () => {
+    await page.goto(base);
+    await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
+    await page.click("#nav-monitors");
+    await page.click("#new-monitor");
+    await page.fill("#monitor-name", "porch");
+    await page.selectOption("#monitor-source-kind", "upload");
+    await page.setInputFiles("#monitor-file", clip);
+    await page.fill("#monitor-prompt", "Is anyone on the porch?");
+    await page.fill("#monitor-window", "1");
+    await page.fill("#monitor-fps", "2");
+    await page.fill("#monitor-max-tokens", "4");
+    // One option fixes the tiny model's answer, so the rule fires on every window.
+    await page.fill("#monitor-choices", "yes");
+    await page.fill("#monitor-alert-when", "yes");
+    await page.fill("#monitor-confirm-n", "2");
+    await page.fill("#monitor-confirm-m", "3");
+    await page.click("#monitor-save");
+    await page.waitForSelector(".monitor-card .alert-badge", { timeout: 60000 });
+    await page.waitForSelector("#incidents .incident img.evidence", { timeout: 30000 });
+    await page.waitForFunction(() => [...document.querySelectorAll("#incidents img.evidence")].some((i) => i.naturalWidth > 0),
+      null, { timeout: 30000 });
+    const incident = await page.textContent("#incidents .incident");
+    if (!incident.includes("porch") || !incident.includes("open") || !incident.includes("yes")) throw new Error(incident);
+    await page.screenshot({ path: join(artifacts, "alerts.png"), fullPage: true });
+    // The form shows the rule back when editing.
+    await page.click(".monitor-card .edit");
+    const when = await page.inputValue("#monitor-alert-when");
+    const choices = await page.inputValue("#monitor-choices");
+    if (when !== "yes" || choices !== "yes") throw new Error(`the form shows ${when} / ${choices}`);
+    await page.click("#monitor-form button:not(#monitor-save)");
     await page.click(".monitor-card .delete");
     await page.waitForSelector("#no-monitors", { timeout: 30000 });
   });

@@ -158,6 +158,7 @@ fn history(n: u64) {
             generation: GenerationSettings::default(),
             enabled: true,
             retention: Retention::default(),
+            alert: None,
             created_ms: now_ms(),
             updated_ms: now_ms(),
         };

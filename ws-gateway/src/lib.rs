@@ -5,6 +5,10 @@
 //!   registry holds the running ones and clients subscribe to their events.
 //! - `monitors`: standing watches kept in the store, run without a viewer and across restarts,
 //!   their history written by one task and pruned by retention.
+//! - `alerts`: rules decided on each window's answer as it streams, and incidents with key
+//!   frames; each change and its notifications stored together (the outbox).
+//! - `notify`: delivery from the outbox (signed webhooks, MQTT with Home Assistant discovery),
+//!   at least once and across restarts.
 //! - [`store`]: monitors and history behind one narrow interface (SQLite now, PostgreSQL later).
 //! - [`server`]: the accept loop (HTTP/1.1 with a header-read timeout), the one API key check,
 //!   the axum routes (WebSocket sessions that start or follow watches, monitors, the REST and
@@ -14,8 +18,10 @@
 //!   does, and its safetensors output.
 #![forbid(unsafe_code, clippy::print_stdout, clippy::print_stderr)]
 
+pub(crate) mod alerts;
 pub mod clip;
 pub(crate) mod monitors;
+pub(crate) mod notify;
 pub mod server;
 pub mod store;
 pub mod tensors;

@@ -107,6 +107,19 @@ struct ServeArgs {
     /// Events a monitor keeps at most unless it says otherwise [default: 100000].
     #[arg(long, env = "LOOKOUT_RETENTION_MAX_EVENTS")]
     retention_max_events: Option<u64>,
+    /// Let alert webhooks reach loopback, private and link-local addresses (a Home Assistant on
+    /// the LAN), without letting URL sources do so [default: off].
+    #[arg(long, env = "LOOKOUT_ALLOW_PRIVATE_WEBHOOKS", num_args = 0..=1, default_missing_value = "true")]
+    allow_private_webhooks: Option<bool>,
+    /// Attempts per alert notification before it is marked failed [default: 8].
+    #[arg(long, env = "LOOKOUT_WEBHOOK_ATTEMPTS")]
+    webhook_attempts: Option<u32>,
+    /// Wait after a notification's first failed attempt, seconds; doubled after each [default: 2].
+    #[arg(long, env = "LOOKOUT_WEBHOOK_RETRY_S")]
+    webhook_retry_s: Option<f64>,
+    /// An MQTT broker for alerts and Home Assistant: mqtt://[user:password@]host[:port].
+    #[arg(long, env = "LOOKOUT_MQTT_URL")]
+    mqtt_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -139,6 +152,10 @@ impl ServeArgs {
             header_read_timeout_s: self.header_read_timeout_s.or(f.header_read_timeout_s),
             retention_days: self.retention_days.or(f.retention_days),
             retention_max_events: self.retention_max_events.or(f.retention_max_events),
+            allow_private_webhooks: self.allow_private_webhooks.or(f.allow_private_webhooks),
+            webhook_attempts: self.webhook_attempts.or(f.webhook_attempts),
+            webhook_retry_s: self.webhook_retry_s.or(f.webhook_retry_s),
+            mqtt_url: self.mqtt_url.or(f.mqtt_url),
         })
     }
 }
@@ -181,6 +198,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => d.header_read_timeout,
     };
+    let mut alerts = ws_gateway::server::AlertConfig {
+        allow_private_webhooks: args.allow_private_webhooks.unwrap_or(false),
+        ..Default::default()
+    };
+    if let Some(n) = args.webhook_attempts {
+        anyhow::ensure!((1..=100).contains(&n), "webhook_attempts must be 1 to 100");
+        alerts.webhook_attempts = n;
+    }
+    if let Some(s) = args.webhook_retry_s {
+        anyhow::ensure!(s.is_finite() && s > 0.0 && s <= 3600.0, "webhook_retry_s must be in (0, 3600]");
+        alerts.webhook_retry = std::time::Duration::from_secs_f64(s);
+    }
+    if let Some(u) = args.mqtt_url.filter(|u| !u.is_empty()) {
+        ws_gateway::server::check_mqtt_url(&u).map_err(anyhow::Error::msg)?;
+        alerts.mqtt_url = Some(u);
+    }
     let config = ws_gateway::server::ServeConfig {
         model,
         device: args.device.as_deref().unwrap_or("cpu").parse()?,
@@ -202,6 +235,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         retention_every: d.retention_every,
         webrtc,
+        alerts,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {

@@ -64,7 +64,8 @@ impl Observer for MonitorObserver {
     }
 }
 
-fn jpeg((width, height, rgb): &(u32, u32, Vec<u8>)) -> Option<Vec<u8>> {
+/// A frame as JPEG (none when it is too large for the format).
+pub(crate) fn jpeg((width, height, rgb): &(u32, u32, Vec<u8>)) -> Option<Vec<u8>> {
     let (w, h) = (u16::try_from(*width).ok()?, u16::try_from(*height).ok()?);
     let mut out = Vec::new();
     jpeg_encoder::Encoder::new(&mut out, QUALITY).encode(rgb, w, h, jpeg_encoder::ColorType::Rgb).ok()?;

@@ -27,11 +27,12 @@ use futures_util::future::BoxFuture;
 use protocol::{EndReason, ErrorCode, MonitorCounters, Retention, ServerMessage, WatchState};
 use tokio::sync::watch;
 
+use crate::alerts::{Alerts, MonitorAlerts};
 use crate::store::{MonitorRow, Store, StoreError};
 use crate::watch::hub::{Hub, Subscription};
 use crate::watch::{Analyzer, Stop, WatchSpec, Watches};
 
-pub(crate) use history::History;
+pub(crate) use history::{History, jpeg};
 
 /// Gives the analyzer once the model has loaded (or why it never will).
 pub(crate) trait Models: Send + Sync + 'static {
@@ -85,6 +86,8 @@ pub(crate) struct Status {
     skipped: AtomicU64,
     failures: AtomicU64,
     model: Mutex<String>,
+    /// The open incident.
+    incident: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -97,6 +100,7 @@ impl Status {
             skipped: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             model: Mutex::new(String::new()),
+            incident: Mutex::new(None),
         }
     }
 
@@ -126,6 +130,15 @@ impl Status {
             events,
             failures: self.failures.load(Ordering::Relaxed),
         }
+    }
+
+    /// The open incident's id.
+    pub(crate) fn open_incident(&self) -> Option<String> {
+        self.incident.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_incident(&self, id: Option<String>) {
+        *self.incident.lock().unwrap_or_else(|e| e.into_inner()) = id;
     }
 
     /// The running watch's prompt.
@@ -162,6 +175,7 @@ struct Inner {
     models: Arc<dyn Models>,
     options: MonitorOptions,
     history: History,
+    alerts: Alerts,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -171,9 +185,28 @@ pub(crate) struct Monitors(Arc<Inner>);
 
 impl Monitors {
     /// Monitors stored in `store`, run as watches of `watches` once `models` is ready.
-    pub(crate) fn new(store: Store, watches: Watches, models: Arc<dyn Models>, options: MonitorOptions) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        watches: Watches,
+        models: Arc<dyn Models>,
+        options: MonitorOptions,
+        alerts: Alerts,
+    ) -> Self {
         let history = History::start(store.clone());
-        Monitors(Arc::new(Inner { store, watches, models, options, history, running: Mutex::new(HashMap::new()) }))
+        Monitors(Arc::new(Inner {
+            store,
+            watches,
+            models,
+            options,
+            history,
+            alerts,
+            running: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The alerts.
+    pub(crate) fn alerts(&self) -> &Alerts {
+        &self.0.alerts
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Running>> {
@@ -232,6 +265,7 @@ impl Monitors {
             r.desired.send_replace(Desired::Deleted);
             let _ = r.task.await;
         }
+        self.0.alerts.forget(id);
         self.0.store.delete_monitor(id).await
     }
 
@@ -261,13 +295,15 @@ impl Monitors {
             let _ = r.task.await;
         }
         self.0.history.flush().await;
+        self.0.alerts.shutdown().await;
     }
 
     fn spawn(&self, row: MonitorRow) {
         let id = row.id.clone();
         let (desired, rx) = watch::channel(Desired::Run(Box::new(row)));
         let status = Arc::new(Status::new());
-        let run = MonitorTask { id: id.clone(), monitors: self.clone(), status: status.clone(), desired: rx };
+        let run =
+            MonitorTask { id: id.clone(), monitors: self.clone(), status: status.clone(), desired: rx, alerts: None };
         let span = tracing::info_span!("monitor", id = %id);
         let task = tokio::spawn(tracing::Instrument::instrument(run.run(), span));
         self.lock().insert(id, Running { desired, status, task });
@@ -328,9 +364,35 @@ struct MonitorTask {
     monitors: Monitors,
     status: Arc<Status>,
     desired: watch::Receiver<Desired>,
+    alerts: Option<MonitorAlerts>,
 }
 
 impl MonitorTask {
+    /// Brings the alert rule up to date with `row` (starting the monitor's alerting once).
+    async fn alert_settings(&mut self, row: &MonitorRow) {
+        let message = match &mut self.alerts {
+            Some(a) => a.set_rule(row).await,
+            None => {
+                let status = self.status.clone();
+                let frames: Arc<dyn Fn() -> Option<ingest::Frame> + Send + Sync> =
+                    Arc::new(move || status.latest_frame());
+                match MonitorAlerts::new(self.monitors.0.alerts.clone(), row, frames).await {
+                    Ok(a) => self.alerts = Some(a),
+                    Err(e) => tracing::error!(error = %e, "cannot read the monitor's incidents; its alerts are off"),
+                }
+                None
+            }
+        };
+        self.after_alerts(message.into_iter().collect());
+    }
+
+    fn after_alerts(&self, messages: Vec<ServerMessage>) {
+        self.status.set_incident(self.alerts.as_ref().and_then(MonitorAlerts::open_incident));
+        for m in messages {
+            self.status.hub.publish(m);
+        }
+    }
+
     async fn run(mut self) {
         let mut backoff = self.monitors.0.options.retry_initial;
         loop {
@@ -340,6 +402,7 @@ impl MonitorTask {
                 Desired::Deleted => return self.finish(EndReason::Deleted, "the monitor was deleted"),
                 Desired::Shutdown => return self.finish(EndReason::Shutdown, "the server is shutting down"),
             };
+            self.alert_settings(&row).await;
             if !row.enabled {
                 self.status.set(WatchState::Paused, None);
                 if self.desired.changed().await.is_err() {
@@ -451,6 +514,10 @@ impl MonitorTask {
                     }
                     // Only the monitor's ending ends its viewers; the watch's is kept above.
                     self.status.hub.publish((*m).clone());
+                    if let Some(a) = &mut self.alerts {
+                        let alerts = a.observe(&m).await;
+                        self.after_alerts(alerts);
+                    }
                 }
                 changed = self.desired.changed(), if stopping.is_none() => {
                     let next = if changed.is_err() { Desired::Shutdown } else { self.desired.borrow_and_update().clone() };
@@ -459,6 +526,7 @@ impl MonitorTask {
                             if new.prompt != row.prompt {
                                 handle.shared().set_prompt(new.prompt.clone());
                             }
+                            self.alert_settings(&new).await;
                             row = *new;
                             continue;
                         }

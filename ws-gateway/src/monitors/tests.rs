@@ -33,7 +33,8 @@ async fn monitors() -> (Monitors, Arc<FakeAnalyzer>) {
         retry_max: Duration::from_millis(200),
         ..Default::default()
     };
-    (Monitors::new(store, watches, Arc::new(Ready(analyzer.clone())), options), analyzer)
+    let alerts = crate::alerts::Alerts::start(store.clone(), Default::default());
+    (Monitors::new(store, watches, Arc::new(Ready(analyzer.clone())), options, alerts), analyzer)
 }
 
 fn row(id: &str, source: &str) -> MonitorRow {
@@ -52,6 +53,7 @@ fn row(id: &str, source: &str) -> MonitorRow {
         generation: Default::default(),
         enabled: true,
         retention: Retention::default(),
+        alert: None,
         created_ms: 0,
         updated_ms: 0,
     }

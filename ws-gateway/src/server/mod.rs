@@ -11,9 +11,10 @@
 //!
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
+mod incidents;
 mod monitors;
 mod openai;
-mod rest;
+pub(crate) mod rest;
 mod session;
 mod sources;
 mod ui;
@@ -74,6 +75,42 @@ pub struct ServeConfig {
     pub retention_every: std::time::Duration,
     /// WebRTC ingest (WHIP).
     pub webrtc: WebrtcConfig,
+    /// Alert notifications.
+    pub alerts: AlertConfig,
+}
+
+/// How alert notifications are delivered.
+#[derive(Debug, Clone)]
+pub struct AlertConfig {
+    /// Attempts per notification before it is marked failed.
+    pub webhook_attempts: u32,
+    /// Wait after the first failed attempt (doubled after each, up to 10 minutes).
+    pub webhook_retry: std::time::Duration,
+    /// Per attempt.
+    pub webhook_timeout: std::time::Duration,
+    /// Webhooks may go to loopback, private and link-local addresses (a Home Assistant on the
+    /// LAN). `allow_private_urls` permits them too.
+    pub allow_private_webhooks: bool,
+    /// `mqtt://[user:password@]host[:port]` of an MQTT broker.
+    pub mqtt_url: Option<String>,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        let d = crate::alerts::AlertOptions::default();
+        AlertConfig {
+            webhook_attempts: d.attempts,
+            webhook_retry: d.retry_initial,
+            webhook_timeout: d.timeout,
+            allow_private_webhooks: false,
+            mqtt_url: None,
+        }
+    }
+}
+
+/// Checks an MQTT broker URL (`--mqtt-url`); the error never repeats a password.
+pub fn check_mqtt_url(url: &str) -> Result<(), String> {
+    crate::notify::mqtt::MqttOptions::parse(url).map(drop)
 }
 
 impl Default for ServeConfig {
@@ -96,6 +133,7 @@ impl Default for ServeConfig {
             retention: crate::monitors::MonitorOptions::default().retention,
             retention_every: crate::monitors::MonitorOptions::default().retention_every,
             webrtc: WebrtcConfig::default(),
+            alerts: AlertConfig::default(),
         }
     }
 }
@@ -195,11 +233,26 @@ impl AppState {
             retention_every: config.retention_every,
             ..Default::default()
         };
+        let a = &config.alerts;
+        let alert_options = crate::alerts::AlertOptions {
+            attempts: a.webhook_attempts.max(1),
+            retry_initial: a.webhook_retry,
+            timeout: a.webhook_timeout,
+            allow_private: a.allow_private_webhooks || config.allow_private_urls,
+            mqtt: a.mqtt_url.as_deref().and_then(|u| {
+                crate::notify::mqtt::MqttOptions::parse(u)
+                    .inspect_err(|e| tracing::error!(error = %e, "MQTT is off"))
+                    .ok()
+            }),
+            ..Default::default()
+        };
+        let alerts = crate::alerts::Alerts::start(store.clone(), alert_options);
         let monitors = crate::monitors::Monitors::new(
             store,
             watches.clone(),
             Arc::new(ModelWaiter(model.subscribe())),
             monitor_options,
+            alerts,
         );
         AppState {
             config,
@@ -446,6 +499,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/monitors/{id}/events.jsonl", get(monitors::export))
         .route("/v1/monitors/{id}/frame.jpg", get(monitors::frame))
         .route("/v1/events/{id}/thumbnail.jpg", get(monitors::thumbnail))
+        .route("/v1/incidents", get(incidents::list))
+        .route("/v1/incidents/{id}", get(incidents::get))
+        .route("/v1/incidents/{id}/frames/{file}", get(incidents::frame))
+        .route("/v1/deliveries", get(incidents::deliveries))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))

@@ -28,9 +28,7 @@ impl From<StoreError> for ApiFailure {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_default()
-}
+use crate::alerts::rfc3339;
 
 fn parse_time(s: &str, what: &str) -> Result<i64, ApiFailure> {
     s.parse::<jiff::Timestamp>().map(|t| t.as_millisecond()).map_err(|e| {
@@ -108,6 +106,9 @@ impl AppState {
         if row.retention.days == Some(0) || row.retention.max_events == Some(0) {
             return Err(ApiFailure::bad_request("retention limits must be at least 1 (leave one out for the default)"));
         }
+        if let Some(rule) = &row.alert {
+            crate::alerts::Rule::check(rule, row.generation.answer.as_ref()).map_err(ApiFailure::bad_request)?;
+        }
         Ok(())
     }
 
@@ -129,6 +130,8 @@ impl AppState {
             generation: row.generation,
             enabled: row.enabled,
             retention: Store::effective(row.retention, self.monitors.options().retention),
+            alert: row.alert.as_ref().map(protocol::AlertRule::redacted),
+            open_incident: status.as_ref().and_then(|s| s.open_incident()),
             state,
             reason,
             watch: status.and_then(|s| s.watch_id()),
@@ -140,19 +143,52 @@ impl AppState {
     }
 }
 
+/// The top-level `answer` of a monitor request: the same as `generation.answer`.
+fn set_answer(
+    generation: &mut protocol::GenerationSettings,
+    answer: Option<protocol::AnswerFormat>,
+) -> Result<(), ApiFailure> {
+    let Some(a) = answer else { return Ok(()) };
+    if generation.answer.as_ref().is_some_and(|g| *g != a) {
+        return Err(ApiFailure::bad_request("answer and generation.answer differ; give one of them"));
+    }
+    generation.answer = Some(a);
+    Ok(())
+}
+
+/// A rule sent back as read (`"secret": "***"`) keeps the stored secret of the same webhook.
+fn keep_secrets(mut new: protocol::AlertRule, old: Option<&protocol::AlertRule>) -> protocol::AlertRule {
+    let old_targets = old.map(|o| o.notify.as_slice()).unwrap_or_default();
+    for protocol::NotifyTarget::Webhook(w) in &mut new.notify {
+        if w.secret.as_deref() == Some("***") {
+            let stored = old_targets.iter().find_map(|protocol::NotifyTarget::Webhook(o)| {
+                (protocol::redact_url(&o.url) == w.url || o.url == w.url).then(|| (o.url.clone(), o.secret.clone()))
+            });
+            if let Some((url, secret)) = stored {
+                w.url = url;
+                w.secret = secret;
+            }
+        }
+    }
+    new
+}
+
 /// `POST /v1/monitors`.
 pub(crate) async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiFailure> {
     let req: MonitorRequest = json_body(&body)?;
     let now = crate::store::now_ms();
+    let mut generation = req.generation.unwrap_or_default();
+    set_answer(&mut generation, req.answer)?;
     let row = MonitorRow {
         id: format!("m{}", super::new_id()),
         name: req.name,
         source: req.source,
         prompt: req.prompt,
         window: req.window.unwrap_or_default(),
-        generation: req.generation.unwrap_or_default(),
+        generation,
         enabled: req.enabled.unwrap_or(true),
         retention: req.retention.unwrap_or_default(),
+        alert: req.alert,
         created_ms: now,
         updated_ms: now,
     };
@@ -199,6 +235,7 @@ pub(crate) async fn patch(
     if let Some(v) = p.window {
         row.window = v;
     }
+    let patched_answer = p.generation.as_ref().and_then(|g| g.answer.clone());
     if let Some(v) = p.generation {
         row.generation = v;
     }
@@ -207,6 +244,14 @@ pub(crate) async fn patch(
     }
     if let Some(v) = p.enabled {
         row.enabled = v;
+    }
+    if let Some(a) = p.answer {
+        // The top-level answer replaces the stored one; only a patch that gives both may conflict.
+        row.generation.answer = patched_answer;
+        set_answer(&mut row.generation, Some(a))?;
+    }
+    if let Some(alert) = p.alert {
+        row.alert = alert.map(|new| keep_secrets(new, row.alert.as_ref()));
     }
     row.updated_ms = crate::store::now_ms();
     state.check_monitor(&row).await?;

@@ -230,31 +230,47 @@ fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// Why a URL's host may not be reached.
+#[derive(Debug)]
+pub(crate) enum AddressError {
+    /// It does not resolve (or has no address).
+    Unresolved(String),
+    /// It resolves to an address that is not allowed.
+    Refused(String),
+}
+
+/// The one address to connect to for `url` (blocking: it may resolve a name), checked against
+/// the private ranges unless `allow_private`. Callers connect to exactly this address, so DNS
+/// cannot change between the check and the use.
+pub(crate) fn checked_address(url: &url::Url, allow_private: bool) -> Result<std::net::SocketAddr, AddressError> {
+    let host = url.host().ok_or_else(|| AddressError::Unresolved("the url has no host".into()))?.to_owned();
+    let port = url.port_or_known_default().unwrap_or(80);
+    let addrs: Vec<std::net::SocketAddr> = match &host {
+        url::Host::Ipv4(ip) => vec![(*ip, port).into()],
+        url::Host::Ipv6(ip) => vec![(*ip, port).into()],
+        url::Host::Domain(d) => (d.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| AddressError::Unresolved(format!("cannot resolve {d}: {e}")))?
+            .collect(),
+    };
+    if !allow_private && addrs.iter().any(|a| is_private(a.ip())) {
+        return Err(AddressError::Refused(format!(
+            "{host} resolves to a loopback, private or link-local address, which is not allowed"
+        )));
+    }
+    addrs.first().copied().ok_or_else(|| AddressError::Unresolved(format!("{host} has no address")))
+}
+
 /// Downloads `url` to `path` (blocking): http(s) only, no redirects, checked addresses, size limit.
 pub(crate) fn fetch(url: &str, path: &Path, limit: u64, allow_private: bool) -> Result<u64, ApiFailure> {
     let parsed = url::Url::parse(url).map_err(|e| ApiFailure::bad_request(format!("invalid url: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(ApiFailure::bad_request("only http and https URLs are fetched"));
     }
-    let host = parsed.host().ok_or_else(|| ApiFailure::bad_request("the url has no host"))?.to_owned();
-    let port = parsed.port_or_known_default().unwrap_or(80);
-    let addrs: Vec<std::net::SocketAddr> = match &host {
-        url::Host::Ipv4(ip) => vec![(*ip, port).into()],
-        url::Host::Ipv6(ip) => vec![(*ip, port).into()],
-        url::Host::Domain(d) => (d.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| {
-                ApiFailure::new(StatusCode::BAD_GATEWAY, ErrorCode::Source, format!("cannot resolve {d}: {e}"))
-            })?
-            .collect(),
-    };
-    if !allow_private && addrs.iter().any(|a| is_private(a.ip())) {
-        return Err(ApiFailure::bad_request(format!(
-            "{host} resolves to a loopback, private or link-local address; fetching it is not allowed (see --allow-private-urls)"
-        )));
-    }
-    // Connect to the address just checked, so DNS cannot change between check and use.
-    let addr = *addrs.first().ok_or_else(|| ApiFailure::bad_request("the host has no address"))?;
+    let addr = checked_address(&parsed, allow_private).map_err(|e| match e {
+        AddressError::Unresolved(m) => ApiFailure::new(StatusCode::BAD_GATEWAY, ErrorCode::Source, m),
+        AddressError::Refused(m) => ApiFailure::bad_request(format!("{m} (see --allow-private-urls)")),
+    })?;
     let agent = ureq::AgentBuilder::new()
         .redirects(0)
         .timeout_connect(std::time::Duration::from_secs(10))
@@ -364,6 +380,35 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
     );
     let h = state.monitors.history().stats();
     line("lookout_monitors", "gauge", "Stored monitors.", state.monitors.len() as u64);
+    let a = state.monitors.alerts().stats();
+    line(
+        "lookout_incidents_opened_total",
+        "counter",
+        "Incidents opened by alert rules.",
+        a.opened.load(Ordering::Relaxed),
+    );
+    line("lookout_incidents_resolved_total", "counter", "Incidents resolved.", a.resolved.load(Ordering::Relaxed));
+    line(
+        "lookout_notifications_delivered_total",
+        "counter",
+        "Notifications accepted by their receiver (webhook 2xx, MQTT PUBACK).",
+        a.delivered.load(Ordering::Relaxed),
+    );
+    line(
+        "lookout_notification_attempts_failed_total",
+        "counter",
+        "Notification attempts that failed (each is retried with backoff until the last).",
+        a.failed_attempts.load(Ordering::Relaxed),
+    );
+    line(
+        "lookout_notifications_failed_total",
+        "counter",
+        "Notifications given up after their last attempt.",
+        a.failed.load(Ordering::Relaxed),
+    );
+    if let Some(m) = state.monitors.alerts().mqtt() {
+        line("lookout_mqtt_connected", "gauge", "Whether the MQTT broker is connected.", u64::from(m.connected()));
+    }
     line(
         "lookout_history_events_written_total",
         "counter",

@@ -27,7 +27,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use protocol::{GenerationSettings, Retention, Source, Timings, Usage, WindowSettings};
+use protocol::{AlertRule, GenerationSettings, Retention, Source, Timings, Usage, WindowSettings};
 use sqlx::Row;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -72,6 +72,8 @@ pub struct MonitorRow {
     pub enabled: bool,
     /// History limits as given.
     pub retention: Retention,
+    /// The alert rule (with its secrets).
+    pub alert: Option<AlertRule>,
     /// Created, ms since the epoch.
     pub created_ms: i64,
     /// Last changed, ms since the epoch.
@@ -141,8 +143,10 @@ pub struct Pruned {
 }
 
 /// The migrations, embedded in the binary.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "monitors and history", include_str!("migrations/sqlite/0001_monitors_and_history.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "monitors and history", include_str!("migrations/sqlite/0001_monitors_and_history.sql")),
+    (2, "alerts", include_str!("migrations/sqlite/0002_alerts.sql")),
+];
 
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
@@ -222,8 +226,8 @@ impl Store {
     /// Stores a new monitor.
     pub async fn create_monitor(&self, m: &MonitorRow) -> Result<(), StoreError> {
         let r = sqlx::query(
-            "INSERT INTO monitors (id, name, source, prompt, window, generation, enabled, retention, created_ms, updated_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO monitors (id, name, source, prompt, window, generation, enabled, retention, created_ms, updated_ms, \
+             alert) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&m.id)
         .bind(&m.name)
@@ -235,6 +239,7 @@ impl Store {
         .bind(json(&m.retention))
         .bind(m.created_ms)
         .bind(m.updated_ms)
+        .bind(m.alert.as_ref().map(json))
         .execute(&self.pool)
         .await;
         Self::name_taken(r, &m.name).map(drop)
@@ -251,7 +256,7 @@ impl Store {
     pub async fn update_monitor(&self, m: &MonitorRow) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE monitors SET name = $2, source = $3, prompt = $4, window = $5, generation = $6, enabled = $7, \
-             retention = $8, updated_ms = $9 WHERE id = $1",
+             retention = $8, updated_ms = $9, alert = $10 WHERE id = $1",
         )
         .bind(&m.id)
         .bind(&m.name)
@@ -262,6 +267,7 @@ impl Store {
         .bind(m.enabled)
         .bind(json(&m.retention))
         .bind(m.updated_ms)
+        .bind(m.alert.as_ref().map(json))
         .execute(&self.pool)
         .await;
         Ok(Self::name_taken(r, &m.name)?.rows_affected() == 1)
@@ -274,9 +280,14 @@ impl Store {
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?;
+        let incidents: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM incidents WHERE monitor_id = $1").bind(id).fetch_all(&self.pool).await?;
         let deleted = sqlx::query("DELETE FROM monitors WHERE id = $1").bind(id).execute(&self.pool).await?;
         for f in files {
             self.remove_file(&f).await;
+        }
+        for i in incidents {
+            let _ = tokio::fs::remove_dir_all(self.incident_file(&i)).await;
         }
         let _ = tokio::fs::remove_dir(self.dir.join("thumbnails").join(id)).await;
         Ok(deleted.rows_affected() == 1)
@@ -300,6 +311,7 @@ impl Store {
             generation: parse(&r.try_get::<String, _>("generation")?, "generation")?,
             enabled: r.try_get("enabled")?,
             retention: parse(&r.try_get::<String, _>("retention")?, "retention")?,
+            alert: r.try_get::<Option<String>, _>("alert")?.map(|a| parse(&a, "alert")).transpose()?,
             created_ms: r.try_get("created_ms")?,
             updated_ms: r.try_get("updated_ms")?,
         })
@@ -546,5 +558,8 @@ impl Store {
     }
 }
 
+mod alerts;
 #[cfg(test)]
 mod tests;
+
+pub use alerts::{Attempt, DeliveryRow, IncidentQuery, IncidentRow, IncidentWindowRow, NewDelivery};

@@ -23,6 +23,7 @@ fn monitor(id: &str, name: &str) -> MonitorRow {
         generation: GenerationSettings { max_tokens: Some(8), ..Default::default() },
         enabled: true,
         retention: Retention::default(),
+        alert: None,
         created_ms: now_ms(),
         updated_ms: now_ms(),
     }

@@ -102,17 +102,25 @@ pub(crate) struct FakeAnalyzer {
     pub(crate) every: Duration,
     pub(crate) prompts: Arc<Mutex<Vec<String>>>,
     places: Option<Arc<tokio::sync::Semaphore>>,
+    /// Answers, one per request in turn (word by word), instead of `t0 t1 ...`.
+    script: Option<Arc<(Vec<String>, AtomicUsize)>>,
 }
 
 impl FakeAnalyzer {
     pub(crate) fn new(tokens: usize, every: Duration) -> Arc<Self> {
-        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places: None })
+        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places: None, script: None })
+    }
+
+    /// One that answers the windows with `answers` in turn (then from the first again).
+    pub(crate) fn scripted(answers: &[&str], every: Duration) -> Arc<Self> {
+        let script = Some(Arc::new((answers.iter().map(|a| (*a).to_owned()).collect(), AtomicUsize::new(0))));
+        Arc::new(FakeAnalyzer { tokens: 0, every, prompts: Arc::default(), places: None, script })
     }
 
     /// One that serves `places` requests at a time.
     pub(crate) fn with_queue(tokens: usize, every: Duration, places: usize) -> Arc<Self> {
         let places = Some(Arc::new(tokio::sync::Semaphore::new(places)));
-        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places })
+        Arc::new(FakeAnalyzer { tokens, every, prompts: Arc::default(), places, script: None })
     }
 }
 
@@ -125,12 +133,17 @@ impl Analyzer for FakeAnalyzer {
         let prompts = self.prompts.clone();
         let (n, every) = (self.tokens, self.every);
         let places = self.places.clone();
+        let script = self.script.clone();
         Box::pin(async move {
             let place = match places {
                 Some(p) => Some(p.acquire_owned().await.map_err(|_| inference::Error::Stopped)?),
                 None => None,
             };
-            Ok(Reservation::new(move |request| Ok(answer(&prompts, n, every, request, place))))
+            Ok(Reservation::new(move |request| {
+                // The next answer of the script goes to the next request actually made.
+                let script = script.map(|s| s.0[s.1.fetch_add(1, Ordering::SeqCst) % s.0.len()].clone());
+                Ok(answer(&prompts, n, every, request, place, script))
+            }))
         })
     }
 
@@ -146,6 +159,7 @@ fn answer(
     every: Duration,
     request: inference::Request,
     place: Option<tokio::sync::OwnedSemaphorePermit>,
+    script: Option<String>,
 ) -> mpsc::UnboundedReceiver<EngineEvent> {
     {
         use inference::processor::{Content, Part};
@@ -167,9 +181,13 @@ fn answer(
             let _place = place;
             let _ = tx.send(EngineEvent::Queued);
             let mut text = String::new();
-            for i in 0..n {
+            let pieces: Vec<String> = match &script {
+                Some(s) => s.split_inclusive(' ').map(str::to_owned).collect(),
+                None => (0..n).map(|i| format!("t{i} ")).collect(),
+            };
+            let n = pieces.len();
+            for piece in pieces {
                 tokio::time::sleep(every).await;
-                let piece = format!("t{i} ");
                 text.push_str(&piece);
                 if tx.send(EngineEvent::Token { text: piece }).is_err() {
                     return; // cancelled

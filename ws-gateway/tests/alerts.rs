@@ -1,0 +1,331 @@
+//! Alerts with real parts: the service on 127.0.0.1 with the fixture model (its answer fixed by
+//! a one-option choice, so the verdict is known), a looped upload, a real HTTP receiver for the
+//! webhooks, and Debian's mosquitto as the MQTT broker (started here on a free port).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use protocol::{AlertState, ClientMessage, Delivery, DeliveryList, Incident, IncidentList, Monitor, ServerMessage};
+use serde_json::{Value, json};
+
+mod common;
+use common::*;
+
+fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let req = ureq::request(method, url);
+    let r = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.into_json().unwrap_or(Value::Null))
+        }
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+async fn http(method: &'static str, url: String, body: Option<Value>) -> (u16, Value) {
+    tokio::task::spawn_blocking(move || call(method, &url, body)).await.unwrap()
+}
+
+type Posts = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+
+/// An HTTP receiver on 127.0.0.1 that records every POST and answers 200.
+async fn receiver() -> (String, Posts) {
+    let posts: Posts = Arc::default();
+    let p = posts.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let p = p.clone();
+            async move {
+                p.lock().unwrap().push((headers, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, posts)
+}
+
+/// Debian's mosquitto on a free port of 127.0.0.1; killed when dropped.
+struct Broker {
+    port: u16,
+    child: Child,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("lookout-mosquitto-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (scripts/setup.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker { port, child }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every message the broker relays under `lookout/#` and `homeassistant/#`: topic → payloads.
+type Seen = Arc<Mutex<HashMap<String, Vec<(bool, Vec<u8>)>>>>;
+
+async fn subscriber(port: u16) -> Seen {
+    let seen: Seen = Arc::default();
+    let mut o = rumqttc::MqttOptions::new(format!("test-{}", rand_suffix()), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
+    client.subscribe("lookout/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("homeassistant/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(ev) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+                s.lock().unwrap().entry(p.topic.clone()).or_default().push((p.retain, p.payload.to_vec()));
+            }
+        }
+    });
+    seen
+}
+
+async fn until<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn last_json(seen: &Seen, topic: &str) -> Option<Value> {
+    let s = seen.lock().unwrap();
+    let (_, payload) = s.get(topic)?.last()?;
+    serde_json::from_slice(payload).ok()
+}
+
+async fn upload_fixture(base: &str) -> String {
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let (status, body) = upload(base, clip, None).await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() {
+    let broker = Broker::start();
+    let seen = subscriber(broker.port).await;
+    let (hook, posts) = receiver().await;
+    let mut server = start_server(|c| {
+        c.alerts.allow_private_webhooks = true;
+        c.alerts.mqtt_url = Some(format!("mqtt://127.0.0.1:{}", broker.port));
+    })
+    .await;
+    let base = server.base.clone();
+    let upload = upload_fixture(&base).await;
+    let url = format!("http://{base}/v1/monitors");
+    let body = |answer: Value, alert: Value| {
+        json!({
+            "name": "front door", "prompt": "Is anyone at the door? Answer yes or no.",
+            "source": {"kind": "upload", "id": upload, "loop": true, "speed": 2.0},
+            "window": {"seconds": 1, "fps": 2, "min_pixels": 4096, "max_pixels": 16384},
+            "generation": {"max_tokens": 8, "temperature": 0},
+            "answer": answer, "alert": alert,
+        })
+    };
+
+    // Rules that cannot apply to the answer are refused, saying why.
+    let bad = [
+        (json!({"choice": ["yes"]}), json!({"when": {"pointer": "/person", "equals": true}}), "needs a JSON answer"),
+        (json!({"choice": ["yes"]}), json!({"when": {"equals": "maybe"}}), "not one of the choices"),
+        (Value::Null, json!({"when": {"matches": "("}}), "not a valid regex"),
+        (json!({"choice": ["yes"]}), json!({"when": {"equals": "yes"}, "later": 1}), "unknown field"),
+    ];
+    for (answer, alert, why) in bad {
+        let (s, v) = http("POST", url.clone(), Some(body(answer, alert.clone()))).await;
+        assert_eq!(s, 400, "{alert} → {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{alert} → {message}");
+    }
+
+    // The one-option choice fixes the model's answer: every window is positive. "yes" without
+    // an end anchor matches as soon as it is streamed.
+    let rule = json!({
+        "when": {"matches": "yes"}, "confirm": {"windows": 2, "of": 2}, "clear_after": 2,
+        "notify": [{"webhook": {"url": hook, "secret": "hook-secret"}}],
+    });
+    let (s, v) = http("POST", url.clone(), Some(body(json!({"choice": ["yes"]}), rule))).await;
+    assert_eq!(s, 201, "{v}");
+    let m: Monitor = serde_json::from_value(v.clone()).unwrap();
+    assert!(!v.to_string().contains("hook-secret"), "the secret is never shown: {v}");
+    assert_eq!(v["alert"]["notify"][0]["webhook"]["secret"], "***");
+
+    let mut ws = connect(&base).await;
+    send(&mut ws, &ClientMessage::Subscribe { watch: None, monitor: Some(m.id.clone()) }).await;
+    let mut messages = Vec::new();
+    let (incident, fired_in) = loop {
+        let msg = recv(&mut ws).await;
+        messages.push(msg.clone());
+        if let ServerMessage::Alert { incident, state: AlertState::Firing, window, text, .. } = msg {
+            assert_eq!(text, "yes", "decided by the streamed answer");
+            break (incident, window);
+        }
+    };
+    let fired_at = Instant::now();
+    // The alert came before its window ended, and a window ended before it (2 of 2).
+    loop {
+        match recv(&mut ws).await {
+            ServerMessage::WindowDone { window, .. } if window == fired_in => break,
+            ServerMessage::WindowDone { window, .. } => assert!(window > fired_in, "window {window} ended late"),
+            _ => {}
+        }
+    }
+    let done_before: Vec<u64> = messages
+        .iter()
+        .filter_map(|m| if let ServerMessage::WindowDone { window, .. } = m { Some(*window) } else { None })
+        .collect();
+    assert!(!done_before.is_empty(), "one positive window alone does not confirm 2 of 2");
+
+    // The webhook: opened, signed, then updated with the whole answer.
+    let got = until("the webhooks", 30, async || {
+        let p = posts.lock().unwrap();
+        (p.len() >= 2).then(|| p.clone())
+    })
+    .await;
+    let (h, b) = &got[0];
+    assert_eq!(h["x-lookout-event"], "incident.opened");
+    let v: Value = serde_json::from_str(b).unwrap();
+    assert_eq!(v["incident"]["id"], incident.as_str());
+    assert_eq!(v["monitor"]["name"], "front door");
+    let sig = h["x-lookout-signature"].to_str().unwrap().strip_prefix("sha256=").unwrap().to_owned();
+    assert_eq!(sig.len(), 64);
+    assert!(!b.contains("hook-secret"));
+    assert_eq!(got[1].0["x-lookout-event"], "incident.updated");
+    println!("webhook received {:?} after the alert message", fired_at.elapsed());
+
+    // MQTT: availability, Home Assistant discovery, retained state on, the notification.
+    let state_topic = format!("lookout/{}/state", m.id);
+    until("MQTT state on", 30, async || (last_json(&seen, &state_topic)?["alert"] == "on").then_some(())).await;
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s["lookout/availability"].last().unwrap().1, b"online");
+        let alert_cfg: Value = serde_json::from_slice(
+            &s[&format!("homeassistant/binary_sensor/lookout_{}/alert/config", m.id)].last().unwrap().1,
+        )
+        .unwrap();
+        assert_eq!(alert_cfg["state_topic"], state_topic.as_str());
+        assert_eq!(alert_cfg["device"]["name"], "front door");
+        assert!(s.contains_key(&format!("homeassistant/sensor/lookout_{}/answer/config", m.id)));
+    }
+    // A client that connects later (Home Assistant after a restart) gets the state at once.
+    let late = subscriber(broker.port).await;
+    until("the retained state", 10, async || {
+        let s = late.lock().unwrap();
+        let (retained, payload) = s.get(&state_topic)?.first()?.clone();
+        let v: Value = serde_json::from_slice(&payload).ok()?;
+        (retained && v["alert"] == "on" && v["incident"] == incident.as_str()).then_some(())
+    })
+    .await;
+    let events_topic = format!("lookout/{}/events", m.id);
+    let first = until("the MQTT event", 30, async || last_json(&seen, &events_topic)).await;
+    assert_eq!(first["incident"]["id"], incident.as_str());
+
+    // The API: the open incident with its key frames, the deliveries.
+    let (s, v) = http("GET", format!("http://{base}/v1/incidents?state=open&monitor={}", m.id), None).await;
+    assert_eq!(s, 200, "{v}");
+    let list: IncidentList = serde_json::from_value(v).unwrap();
+    assert_eq!(list.incidents.len(), 1);
+    let (s, v) = http("GET", format!("http://{base}/v1/incidents/{incident}"), None).await;
+    assert_eq!(s, 200);
+    let i: Incident = serde_json::from_value(v).unwrap();
+    assert!(!i.frames.is_empty());
+    let frame = tokio::task::spawn_blocking({
+        let url = format!("http://{base}{}", i.frames[0]);
+        move || {
+            let r = ureq::get(&url).call().unwrap();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+            v
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&frame[..2], [0xff, 0xd8], "a JPEG key frame");
+    assert_eq!(http("GET", format!("http://{base}/v1/incidents/nope"), None).await.0, 404);
+    assert_eq!(http("GET", format!("http://{base}/v1/incidents?state=maybe"), None).await.0, 400);
+    let (_, v) = http("GET", format!("http://{base}/v1/monitors/{}", m.id), None).await;
+    assert_eq!(v["open_incident"], incident.as_str());
+
+    // Now every window is negative: two in a row clear the incident.
+    let (s, v) = http("PATCH", format!("{url}/{}", m.id), Some(json!({"answer": {"choice": ["no"]}}))).await;
+    assert_eq!(s, 200, "{v}");
+    loop {
+        if let ServerMessage::Alert { state: AlertState::Resolved, incident: i, .. } = recv(&mut ws).await {
+            assert_eq!(i, incident);
+            break;
+        }
+    }
+    until("MQTT state off", 30, async || (last_json(&seen, &state_topic)?["alert"] == "off").then_some(())).await;
+    let resolved = until("the resolved webhook", 30, async || {
+        let p = posts.lock().unwrap();
+        p.iter().find(|(h, _)| h["x-lookout-event"] == "incident.resolved").cloned()
+    })
+    .await;
+    let v: Value = serde_json::from_str(&resolved.1).unwrap();
+    assert_eq!(v["incident"]["state"], "closed");
+    let (_, v) = http("GET", format!("http://{base}/v1/deliveries?incident={incident}"), None).await;
+    let list: DeliveryList = serde_json::from_value(v).unwrap();
+    let webhooks: Vec<&Delivery> = list.deliveries.iter().filter(|d| d.target.starts_with("http")).collect();
+    let mqtt: Vec<&Delivery> = list.deliveries.iter().filter(|d| d.target.starts_with("mqtt:")).collect();
+    assert!(webhooks.len() >= 3 && mqtt.len() == webhooks.len(), "{list:?}");
+    until("every delivery", 30, async || {
+        let (_, v) = http("GET", format!("http://{base}/v1/deliveries?incident={incident}"), None).await;
+        let list: DeliveryList = serde_json::from_value(v).unwrap();
+        list.deliveries.iter().all(|d| d.state == protocol::DeliveryState::Delivered).then_some(())
+    })
+    .await;
+
+    // Deleting the monitor removes its Home Assistant entities (empty retained configs).
+    assert_eq!(http("DELETE", format!("{url}/{}", m.id), None).await.0, 204);
+    let cfg = format!("homeassistant/binary_sensor/lookout_{}/alert/config", m.id);
+    until("the discovery config cleared", 30, async || {
+        let s = seen.lock().unwrap();
+        s.get(&cfg)?.last().filter(|(_, p)| p.is_empty()).map(drop)
+    })
+    .await;
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
+    // The last will or the goodbye says offline.
+    until("offline", 10, async || {
+        let s = seen.lock().unwrap();
+        s.get("lookout/availability")?.last().filter(|(_, p)| p == b"offline").map(drop)
+    })
+    .await;
+}

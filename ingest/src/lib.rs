@@ -16,11 +16,15 @@
 //!   [`base::shutdown::Receiver`], stops at once on the signal, and holds the receiver while it
 //!   runs, so the pipeline's owner can join it.
 //!
+//! - [`evidence`]: short MP4 clips remuxed from a live source's recent access units or cut from
+//!   a file, never re-encoded.
+//!
 //! The YUV to RGB conversion uses libswscale with the settings torchcodec uses (bilinear, the
 //! frame's own colour matrix), so frames are bit-identical with the reference reader.
 
 mod convert;
 mod error;
+pub mod evidence;
 mod file;
 pub mod live;
 pub mod replay;

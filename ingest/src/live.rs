@@ -131,6 +131,7 @@ pub struct LiveFeed {
     waiting_key: bool,
     /// The sender's nominal frame rate (f64 bits), reported with the first frame.
     nominal_fps: Arc<AtomicU64>,
+    packets: Option<Arc<crate::evidence::PacketRing>>,
 }
 
 impl std::fmt::Debug for LiveFeed {
@@ -140,17 +141,19 @@ impl std::fmt::Debug for LiveFeed {
 }
 
 /// Options of a live decoder.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FeedOptions {
     /// Encoded frames that may wait for the decoder.
     pub queue: usize,
     /// The sender's nominal frame rate, reported in [`SourceEvent::Started`] (0 when unknown).
     pub nominal_fps: f64,
+    /// Where every received access unit is also kept (evidence clips).
+    pub packets: Option<Arc<crate::evidence::PacketRing>>,
 }
 
 impl Default for FeedOptions {
     fn default() -> Self {
-        FeedOptions { queue: 32, nominal_fps: 0.0 }
+        FeedOptions { queue: 32, nominal_fps: 0.0, packets: None }
     }
 }
 
@@ -181,7 +184,7 @@ impl LiveFeed {
             }
             drop(stop);
         })?;
-        Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true, nominal_fps })
+        Ok(LiveFeed { tx: Some(tx), ring, waiting_key: true, nominal_fps, packets: opts.packets })
     }
 
     /// Sets the sender's nominal frame rate (from its SDP or SPS) before the first frame.
@@ -197,6 +200,9 @@ impl LiveFeed {
     pub fn push(&mut self, frame: Encoded) -> bool {
         if self.ring.is_closed() {
             return false;
+        }
+        if let Some(p) = &self.packets {
+            p.push(&frame);
         }
         if self.waiting_key && !frame.key {
             self.ring.count_lost_upstream(1);
@@ -432,7 +438,7 @@ mod tests {
     fn a_slow_decoder_never_blocks_the_network_side() {
         let frames = annexb_frames();
         let ring = FrameRing::new(4);
-        let opts = FeedOptions { queue: 2, nominal_fps: 30.0 };
+        let opts = FeedOptions { queue: 2, nominal_fps: 30.0, packets: None };
         let mut feed = LiveFeed::start(
             "test",
             ring.clone(),

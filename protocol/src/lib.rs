@@ -675,6 +675,10 @@ pub struct Incident {
     pub windows: Vec<IncidentWindow>,
     /// Key frames: `/v1/incidents/{id}/frames/{n}.jpg`, one per window in `windows`.
     pub frames: Vec<String>,
+    /// `/v1/incidents/{id}/clip.mp4`: the confirming windows with a few seconds of pre-roll,
+    /// from the source's own encoded video (once the opening window has ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<String>,
 }
 
 /// Open or closed.

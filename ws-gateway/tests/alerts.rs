@@ -14,26 +14,6 @@ use serde_json::{Value, json};
 mod common;
 use common::*;
 
-fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
-    let req = ureq::request(method, url);
-    let r = match body {
-        Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => {
-            let status = r.status();
-            (status, r.into_json().unwrap_or(Value::Null))
-        }
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
-}
-
-async fn http(method: &'static str, url: String, body: Option<Value>) -> (u16, Value) {
-    tokio::task::spawn_blocking(move || call(method, &url, body)).await.unwrap()
-}
-
 type Posts = Arc<Mutex<Vec<(HeaderMap, String)>>>;
 
 /// An HTTP receiver on 127.0.0.1 that records every POST and answers 200.
@@ -129,6 +109,61 @@ fn last_json(seen: &Seen, topic: &str) -> Option<Value> {
     let s = seen.lock().unwrap();
     let (_, payload) = s.get(topic)?.last()?;
     serde_json::from_slice(payload).ok()
+}
+
+async fn get_bytes(url: String) -> (u16, Vec<u8>) {
+    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Ok(r) => {
+            let status = r.status();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+            (status, v)
+        }
+        Err(ureq::Error::Status(code, _)) => (code, Vec::new()),
+        Err(e) => panic!("{e}"),
+    })
+    .await
+    .unwrap()
+}
+
+/// ffprobe's codec, frame count and duration of an MP4.
+fn probe_mp4(bytes: &[u8]) -> (String, usize, f64) {
+    let path = std::env::temp_dir().join(format!("lookout-clip-{}-{}.mp4", std::process::id(), rand_suffix()));
+    std::fs::write(&path, bytes).unwrap();
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries"])
+        .arg("stream=codec_name,nb_read_frames:format=duration,format_name")
+        .args(["-of", "json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "ffprobe: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["format"]["format_name"].as_str().unwrap().contains("mp4"), "{v}");
+    let s = &v["streams"][0];
+    (
+        s["codec_name"].as_str().unwrap().to_owned(),
+        s["nb_read_frames"].as_str().unwrap().parse().unwrap(),
+        v["format"]["duration"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+/// Waits for an incident's clip and checks it is a playable MP4 of the source's own codec.
+async fn clip_of(base: &str, incident: &str, codec: &str) -> (usize, f64) {
+    let url = format!("http://{base}/v1/incidents/{incident}");
+    let i: Incident = until("the clip", 30, async || {
+        let (_, v) = http("GET", url.clone(), None).await;
+        let i: Incident = serde_json::from_value(v).ok()?;
+        i.clip.is_some().then_some(i)
+    })
+    .await;
+    let (status, mp4) = get_bytes(format!("http://{base}{}", i.clip.unwrap())).await;
+    assert_eq!(status, 200);
+    assert_eq!(&mp4[4..8], b"ftyp", "an MP4");
+    let (c, frames, duration) = probe_mp4(&mp4);
+    assert_eq!(c, codec, "remuxed, not re-encoded");
+    (frames, duration)
 }
 
 async fn upload_fixture(base: &str) -> String {
@@ -279,6 +314,10 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
     .unwrap();
     assert_eq!(&frame[..2], [0xff, 0xd8], "a JPEG key frame");
     assert_eq!(http("GET", format!("http://{base}/v1/incidents/nope"), None).await.0, 404);
+    // The evidence clip: cut from the uploaded file (H.264, 25 fps) around the confirming windows
+    // (two 1 s windows and 3 s of pre-roll, less where the clip starts).
+    let (frames, duration) = clip_of(&base, &incident, "h264").await;
+    assert!(frames >= 25 && (1.0..=8.0).contains(&duration), "{frames} frames, {duration} s");
     assert_eq!(http("GET", format!("http://{base}/v1/incidents?state=maybe"), None).await.0, 400);
     let (_, v) = http("GET", format!("http://{base}/v1/monitors/{}", m.id), None).await;
     assert_eq!(v["open_incident"], incident.as_str());
@@ -328,4 +367,35 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
         s.get("lookout/availability")?.last().filter(|(_, p)| p == b"offline").map(drop)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_incident_keeps_a_clip_of_the_cameras_own_packets() {
+    let rtsp = RtspServer::start(free_port(), None);
+    let mut server = start_server(|_| {}).await;
+    let base = server.base.clone();
+    let body = json!({
+        "name": "yard", "prompt": "Is anyone in the yard?",
+        "source": {"kind": "rtsp", "url": format!("rtsp://127.0.0.1:{}/h264", rtsp.port)},
+        "window": {"seconds": 1, "fps": 2, "min_pixels": 4096, "max_pixels": 16384},
+        "generation": {"max_tokens": 4, "temperature": 0},
+        "answer": {"choice": ["yes"]},
+        "alert": {"when": {"equals": "yes"}, "confirm": {"windows": 2, "of": 2}},
+    });
+    let (s, v) = http("POST", format!("http://{base}/v1/monitors"), Some(body)).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let incident = until("an incident", 60, async || {
+        let (_, v) = http("GET", format!("http://{base}/v1/incidents?monitor={id}"), None).await;
+        let list: IncidentList = serde_json::from_value(v).ok()?;
+        list.incidents.first().map(|i| i.id.clone())
+    })
+    .await;
+    let (frames, duration) = clip_of(&base, &incident, "h264").await;
+    // At least the opening window's second of video, from the key frame before the windows.
+    assert!(frames >= 10 && duration >= 1.0, "{frames} frames, {duration} s");
+    println!("camera clip: {frames} frames, {duration:.2} s");
+    assert_eq!(http("DELETE", format!("http://{base}/v1/monitors/{id}"), None).await.0, 204);
+    server.stop.take().unwrap().send(()).unwrap();
+    server.task.await.unwrap();
 }

@@ -13,30 +13,6 @@ use serde_json::json;
 mod common;
 use common::*;
 
-/// A blocking HTTP call: status and JSON body (null when it is not JSON).
-fn call(method: &str, url: &str, body: Option<serde_json::Value>, key: Option<&str>) -> (u16, serde_json::Value) {
-    let mut req = ureq::request(method, url);
-    if let Some(k) = key {
-        req = req.set("Authorization", &format!("Bearer {k}"));
-    }
-    let r = match body {
-        Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => {
-            let status = r.status();
-            (status, r.into_json().unwrap_or(serde_json::Value::Null))
-        }
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(serde_json::Value::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
-}
-
-async fn http(method: &'static str, url: String, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    tokio::task::spawn_blocking(move || call(method, &url, body, None)).await.unwrap()
-}
-
 async fn bytes(url: String) -> (u16, Vec<u8>) {
     tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
         Ok(r) => {

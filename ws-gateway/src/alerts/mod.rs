@@ -9,6 +9,7 @@
 //!   publishes `alert` messages to the monitor's viewers.
 //! - Delivery is [`crate::notify`]'s: the outbox worker and the MQTT connection.
 
+pub(crate) mod evidence;
 pub(crate) mod rule;
 pub(crate) mod tracker;
 
@@ -111,6 +112,7 @@ pub(crate) fn wire_incident(i: &IncidentRow) -> Incident {
             .filter(|(_, w)| w.frame.is_some())
             .map(|(n, _)| format!("/v1/incidents/{}/frames/{n}.jpg", i.id))
             .collect(),
+        clip: i.clip.as_ref().map(|_| format!("/v1/incidents/{}/clip.mp4", i.id)),
     }
 }
 
@@ -173,8 +175,10 @@ pub(crate) struct MonitorAlerts {
     tracker: Option<Tracker>,
     open: Option<IncidentRow>,
     current: Option<Current>,
-    /// The newest frame analysed, for key frames.
-    frames: Arc<dyn Fn() -> Option<ingest::Frame> + Send + Sync>,
+    /// Stream times of the last windows (as many as the rule's confirmation span), oldest first.
+    recent: std::collections::VecDeque<f64>,
+    /// Key frames and clips.
+    evidence: Arc<dyn evidence::Evidence>,
 }
 
 impl MonitorAlerts {
@@ -182,7 +186,7 @@ impl MonitorAlerts {
     pub(crate) async fn new(
         alerts: Alerts,
         row: &crate::store::MonitorRow,
-        frames: Arc<dyn Fn() -> Option<ingest::Frame> + Send + Sync>,
+        evidence: Arc<dyn evidence::Evidence>,
     ) -> Result<MonitorAlerts, StoreError> {
         let open = alerts.0.store.open_incident(&row.id).await?;
         let mut me = MonitorAlerts {
@@ -193,7 +197,8 @@ impl MonitorAlerts {
             tracker: None,
             open,
             current: None,
-            frames,
+            recent: std::collections::VecDeque::new(),
+            evidence,
         };
         me.set_rule(row).await;
         if let Some(m) = &me.alerts.0.mqtt {
@@ -247,6 +252,11 @@ impl MonitorAlerts {
         match m {
             ServerMessage::Window { id, start_s, end_s, .. } => {
                 self.current = Some(Current { window: *id, start_s: *start_s, end_s: *end_s, ..Default::default() });
+                let span = self.rule.as_ref().map_or(1, |r| r.confirm.1 as usize);
+                self.recent.push_back(*start_s);
+                while self.recent.len() > span {
+                    self.recent.pop_front();
+                }
             }
             ServerMessage::Token { window, text } => {
                 let Some(c) = self.current.as_mut().filter(|c| c.window == *window) else { return out };
@@ -275,8 +285,15 @@ impl MonitorAlerts {
                     let value = answer.as_ref().and_then(|a| a.value.clone());
                     out.extend(self.decide(v, value).await);
                 } else if matches!(self.current.as_ref().and_then(|c| c.step), Some(Step::Open | Step::Extend)) {
-                    // The window that opened or extended the incident is complete: its whole answer.
+                    // The window that opened or extended the incident is complete: its clip (for
+                    // the opening one), then its whole answer, which the notification carries.
+                    if self.current.as_ref().and_then(|c| c.step) == Some(Step::Open) {
+                        self.write_clip().await;
+                    }
                     self.update_window_text(text).await;
+                }
+                if !decided && self.current.as_ref().and_then(|c| c.step) == Some(Step::Open) {
+                    self.write_clip().await;
                 }
                 if let Some(mq) = &self.alerts.0.mqtt {
                     mq.state(&self.monitor, self.open_incident(), text);
@@ -321,7 +338,7 @@ impl MonitorAlerts {
             text: c.map(|c| c.text.clone()).unwrap_or_default(),
             frame: None,
         };
-        if let (Some(frame), Some(incident)) = ((self.frames)(), self.open.as_ref().map(|i| i.id.clone())) {
+        if let (Some(frame), Some(incident)) = (self.evidence.frame(), self.open.as_ref().map(|i| i.id.clone())) {
             let n = self.open.as_ref().map_or(0, |i| i.windows.len());
             row.frame = self.write_frame(&incident, n, frame).await;
         }
@@ -359,6 +376,7 @@ impl MonitorAlerts {
             opened_ms: now,
             closed_ms: None,
             windows: vec![],
+            clip: None,
         });
         let w = self.window_row().await;
         let mut incident = self.open.clone()?;
@@ -396,6 +414,36 @@ impl MonitorAlerts {
             window,
             text,
         })
+    }
+
+    /// The opening window has ended: its clip, from the first of the windows that confirmed it
+    /// (with pre-roll) to its end, stored with the incident. A source without encoded frames to
+    /// cut (a URL, a WHIP stream) has none.
+    async fn write_clip(&mut self) {
+        let Some(mut incident) = self.open.clone() else { return };
+        let Some(c) = self.current.as_ref() else { return };
+        let from = self.recent.iter().copied().fold(c.start_s, f64::min) - evidence::PREROLL_S;
+        // The last frame's time plus about one sampling interval.
+        let to = c.end_s + 0.5;
+        let name = format!("{}/clip.mp4", incident.id);
+        let path = self.alerts.0.store.incident_file(&name);
+        let evidence = self.evidence.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            }
+            evidence.clip(from, to, &path)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match written {
+            Ok(frames) => {
+                tracing::info!(incident = %incident.id, frames, from, to, "evidence clip written");
+                incident.clip = Some(name);
+                self.save(incident, None).await;
+            }
+            Err(e) => tracing::info!(incident = %incident.id, error = %e, "no evidence clip"),
+        }
     }
 
     async fn update_window_text(&mut self, text: &str) {

@@ -186,7 +186,14 @@ async fn two_of_three_positive_windows_open_an_incident_that_two_negatives_close
 }
 
 async fn queue_one(store: &Store, url: &str) -> String {
-    let incident = IncidentRow { id: "i1".into(), monitor: "m".into(), opened_ms: 1, closed_ms: None, windows: vec![] };
+    let incident = IncidentRow {
+        id: "i1".into(),
+        monitor: "m".into(),
+        opened_ms: 1,
+        closed_ms: None,
+        windows: vec![],
+        clip: None,
+    };
     let d = NewDelivery {
         id: "d1".into(),
         incident: "i1".into(),

@@ -27,6 +27,7 @@ use futures_util::future::BoxFuture;
 use protocol::{EndReason, ErrorCode, MonitorCounters, Retention, ServerMessage, WatchState};
 use tokio::sync::watch;
 
+use crate::alerts::evidence::{Evidence, FileClip};
 use crate::alerts::{Alerts, MonitorAlerts};
 use crate::store::{MonitorRow, Store, StoreError};
 use crate::watch::hub::{Hub, Subscription};
@@ -159,6 +160,31 @@ impl Status {
             model: self.model.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             source: self.hub.info(),
             prompt,
+        }
+    }
+}
+
+/// A monitor's evidence: its watch's newest frame, and clips from its camera's packet ring or
+/// its uploaded file.
+struct MonitorEvidence {
+    status: Arc<Status>,
+    file: Option<FileClip>,
+}
+
+impl Evidence for MonitorEvidence {
+    fn frame(&self) -> Option<ingest::Frame> {
+        self.status.latest_frame()
+    }
+
+    fn clip(&self, from_s: f64, to_s: f64, out: &std::path::Path) -> Result<usize, String> {
+        if let Some(f) = &self.file {
+            return f.cut(from_s, to_s, out);
+        }
+        let packets =
+            self.status.watch.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|w| w.packets.clone());
+        match packets {
+            Some(p) => crate::alerts::evidence::live_clip(&p, from_s, to_s, out),
+            None => Err("this source keeps no encoded video".into()),
         }
     }
 }
@@ -373,10 +399,17 @@ impl MonitorTask {
         let message = match &mut self.alerts {
             Some(a) => a.set_rule(row).await,
             None => {
-                let status = self.status.clone();
-                let frames: Arc<dyn Fn() -> Option<ingest::Frame> + Send + Sync> =
-                    Arc::new(move || status.latest_frame());
-                match MonitorAlerts::new(self.monitors.0.alerts.clone(), row, frames).await {
+                let evidence = Arc::new(MonitorEvidence {
+                    status: self.status.clone(),
+                    file: match &row.source {
+                        protocol::Source::Upload { id, looped, .. } => {
+                            crate::server::upload_file(self.monitors.0.store.data_dir(), id)
+                                .map(|path| FileClip { path, looped: looped.unwrap_or(false) })
+                        }
+                        _ => None,
+                    },
+                });
+                match MonitorAlerts::new(self.monitors.0.alerts.clone(), row, evidence).await {
                     Ok(a) => self.alerts = Some(a),
                     Err(e) => tracing::error!(error = %e, "cannot read the monitor's incidents; its alerts are off"),
                 }

@@ -91,6 +91,24 @@ pub(crate) async fn frame(
     Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "max-age=86400")], bytes).into_response())
 }
 
+/// `GET /v1/incidents/{id}/clip.mp4`: the evidence clip.
+pub(crate) async fn clip(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiFailure> {
+    let store = state.monitors.store();
+    let row = store.incident(&id).await?.ok_or_else(|| not_found(&id))?;
+    let missing = || {
+        ApiFailure::of(
+            ErrorCode::NotFound,
+            format!(
+                "incident {id:?} has no clip (yet: it is written when the opening window ends; never for URL or \
+                 WHIP sources)"
+            ),
+        )
+    };
+    let name = row.clip.ok_or_else(missing)?;
+    let bytes = tokio::fs::read(store.incident_file(&name)).await.map_err(|_| missing())?;
+    Ok(([(header::CONTENT_TYPE, "video/mp4"), (header::CACHE_CONTROL, "max-age=86400")], bytes).into_response())
+}
+
 fn wire_delivery(d: DeliveryRow) -> Delivery {
     let state = match d.state.as_str() {
         "delivered" => DeliveryState::Delivered,

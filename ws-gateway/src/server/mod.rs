@@ -108,6 +108,11 @@ impl Default for AlertConfig {
     }
 }
 
+/// Where an upload's file is (`None` for an id that cannot be one).
+pub(crate) fn upload_file(data_dir: &std::path::Path, id: &str) -> Option<PathBuf> {
+    uploads::upload_path(data_dir, id)
+}
+
 /// Checks an MQTT broker URL (`--mqtt-url`); the error never repeats a password.
 pub fn check_mqtt_url(url: &str) -> Result<(), String> {
     crate::notify::mqtt::MqttOptions::parse(url).map(drop)
@@ -502,6 +507,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/incidents", get(incidents::list))
         .route("/v1/incidents/{id}", get(incidents::get))
         .route("/v1/incidents/{id}/frames/{file}", get(incidents::frame))
+        .route("/v1/incidents/{id}/clip.mp4", get(incidents::clip))
         .route("/v1/deliveries", get(incidents::deliveries))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))

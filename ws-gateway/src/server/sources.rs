@@ -52,7 +52,7 @@ impl Sources for ServerSources {
 
 impl ServerSources {
     async fn open_source(&self, name: &str, source: &Source, feed: Feed) -> Result<Opened, SourceError> {
-        let Feed { ring, admit, stop } = feed;
+        let Feed { ring, admit, stop, packets } = feed;
         let (path, opts, temp) = match source {
             Source::Upload { id, speed, looped } => match uploads::upload_path(&self.config.data_dir, id) {
                 Some(p) if p.is_file() => {
@@ -80,7 +80,8 @@ impl ServerSources {
                     None => {}
                 }
                 let (sink, events) = event_channel();
-                let feed = LiveFeed::start(name, ring, admit, sink.clone(), FeedOptions::default(), stop.clone())
+                let options = FeedOptions { packets, ..Default::default() };
+                let feed = LiveFeed::start(name, ring, admit, sink.clone(), options, stop.clone())
                     .map_err(|e| failure(ErrorCode::Internal, format!("cannot start a decoder: {e}")))?;
                 tracing::info!(camera = camera.redacted(), transport = ?opts.transport, "opening RTSP camera");
                 let task = ingest::rtsp::run(camera, opts, feed, sink, stop);

@@ -37,6 +37,8 @@ pub struct IncidentRow {
     pub closed_ms: Option<i64>,
     /// Its windows, oldest first.
     pub windows: Vec<IncidentWindowRow>,
+    /// The evidence clip's file under `incidents/`, once written.
+    pub clip: Option<String>,
 }
 
 /// A notification to queue.
@@ -114,6 +116,7 @@ impl Store {
             opened_ms: r.try_get("opened_ms")?,
             closed_ms: r.try_get("closed_ms")?,
             windows: parse(&r.try_get::<String, _>("windows")?, "incident windows")?,
+            clip: r.try_get("clip")?,
         })
     }
 
@@ -144,14 +147,16 @@ impl Store {
         let now = super::now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO incidents (id, monitor_id, opened_ms, closed_ms, windows) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (id) DO UPDATE SET closed_ms = excluded.closed_ms, windows = excluded.windows",
+            "INSERT INTO incidents (id, monitor_id, opened_ms, closed_ms, windows, clip) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET closed_ms = excluded.closed_ms, windows = excluded.windows, \
+             clip = excluded.clip",
         )
         .bind(&i.id)
         .bind(&i.monitor)
         .bind(i.opened_ms)
         .bind(i.closed_ms)
         .bind(super::json(&i.windows))
+        .bind(&i.clip)
         .execute(&mut *tx)
         .await?;
         for d in deliveries {

@@ -219,6 +219,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn thumbnail_path(&self, name: &str) -> PathBuf {
         self.dir.join("thumbnails").join(name)
     }

@@ -61,7 +61,7 @@ impl Sources for SyntheticSources {
             let (tx, rx) = mpsc::channel(8);
             self.running.fetch_add(1, Ordering::SeqCst);
             let running = Running(self.running.clone());
-            let Feed { ring, mut admit, stop } = feed;
+            let Feed { ring, mut admit, stop, .. } = feed;
             tokio::spawn(async move {
                 let _running = running;
                 let _tx = tx.clone();

@@ -120,6 +120,8 @@ pub(crate) struct Feed {
     pub(crate) admit: Admit,
     /// The watch's shutdown; every thread or task the source starts holds a clone.
     pub(crate) stop: shutdown::Receiver,
+    /// Where a live source also keeps its recent encoded frames (a monitor's evidence clips).
+    pub(crate) packets: Option<Arc<ingest::evidence::PacketRing>>,
 }
 
 /// An opened source.
@@ -161,6 +163,17 @@ pub(crate) struct WatchSpec {
     pub(crate) generation: inference::GenerationParams,
     /// The monitor this watch runs, if any.
     pub(crate) monitor: Option<String>,
+}
+
+/// Encoded frames a monitored camera keeps for evidence clips: at most this many bytes...
+const EVIDENCE_BYTES: usize = 16 << 20;
+/// ...and this much stream time (pre-roll plus the confirming windows).
+const EVIDENCE_SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The packet ring of a watch that keeps evidence: monitors of live cameras.
+pub(crate) fn evidence_ring(spec: &WatchSpec) -> Option<Arc<ingest::evidence::PacketRing>> {
+    (spec.monitor.is_some() && matches!(spec.source, Source::Rtsp { .. }))
+        .then(|| Arc::new(ingest::evidence::PacketRing::new(EVIDENCE_BYTES, EVIDENCE_SPAN)))
 }
 
 /// The stream-mode window policy of wire settings: every missing field takes the one default.
@@ -281,6 +294,8 @@ pub(crate) struct Shared {
     windows: AtomicU64,
     skipped: AtomicU64,
     stop: watch::Sender<Option<Stop>>,
+    /// A monitored live source's recent encoded frames.
+    pub(crate) packets: Option<Arc<ingest::evidence::PacketRing>>,
 }
 
 impl Shared {
@@ -417,7 +432,7 @@ impl Task {
         let shared = &self.shared;
         let mut cadence = self.spec.plan.cadence();
         let admit: Admit = Box::new(move |t| cadence.observe(t.as_secs_f64()) == sampler::stream::Admission::Admit);
-        let feed = Feed { ring: ring.clone(), admit, stop: stage_rx.clone() };
+        let feed = Feed { ring: ring.clone(), admit, stop: stage_rx.clone(), packets: shared.packets.clone() };
         // 1. Open the source.
         let opened = tokio::select! {
             biased;

@@ -73,6 +73,7 @@ impl Watches {
             windows: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             stop,
+            packets: super::evidence_ring(&spec),
         });
         let subscription = shared.hub.subscribe();
         let task = Task {

@@ -89,6 +89,30 @@ pub async fn upload(base: &str, bytes: Vec<u8>, key: Option<&str>) -> (u16, serd
     .unwrap()
 }
 
+/// A blocking HTTP call: status and JSON body (null when it is not JSON).
+pub fn call(method: &str, url: &str, body: Option<serde_json::Value>, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = ureq::request(method, url);
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let r = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+pub async fn http(method: &'static str, url: String, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    tokio::task::spawn_blocking(move || call(method, &url, body, None)).await.unwrap()
+}
+
 pub fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
 }

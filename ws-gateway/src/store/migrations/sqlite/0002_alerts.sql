@@ -7,6 +7,8 @@ CREATE TABLE incidents (
     monitor_id  TEXT NOT NULL REFERENCES monitors(id) ON DELETE CASCADE,
     opened_ms   BIGINT NOT NULL,
     closed_ms   BIGINT,
+    -- The evidence clip's file under incidents/, once written.
+    clip        TEXT,
     -- The windows that make it up, oldest first: JSON [{window, start_s, end_s, decided_ms, text, frame}].
     windows     TEXT NOT NULL
 );

@@ -256,10 +256,16 @@ impl MonitorsView {
         let rows = self.incidents.iter().map(|i| {
             let open = i.state == protocol::IncidentState::Open;
             let frame = i.frames.first().map(|f| with_key(f, key));
+            let clip = i.clip.as_ref().map(|c| with_key(c, key));
             let text = i.windows.first().map(|w| w.text.clone()).unwrap_or_default();
             html! {
                 <div class="incident" data-incident={i.id.clone()}>
-                    if let Some(src) = frame { <img class="evidence" alt="the key frame of the window that opened it" src={src} /> }
+                    if let Some(src) = clip {
+                        <video class="evidence-clip" controls=true muted=true autoplay=true loop=true playsinline=true
+                            poster={frame.clone().unwrap_or_default()} src={src} />
+                    } else if let Some(src) = frame {
+                        <img class="evidence" alt="the key frame of the window that opened it" src={src} />
+                    }
                     <div>
                         <strong>{names.get(i.monitor.as_str()).copied().unwrap_or(i.monitor.as_str())}</strong>
                         <span class={if open { "badge failed" } else { "badge paused" }}>{if open { "open" } else { "closed" }}</span>

@@ -9,7 +9,7 @@
 //   4. creates a monitor (a clip looped as a camera), sees its tokens stream on its card, opens its
 //      history, searches it, and deletes it;
 //   5. makes a monitor with an alert rule in the form, sees the ALERT badge and the incident with
-//      its key frame;
+//      its evidence clip playing;
 //   6. gets a clear error for a camera that is not there.
 // Screenshots go to target/browser-artifacts/. Run by scripts/test.sh (after the binary is built).
 
@@ -311,7 +311,7 @@ async function main() {
     await page.waitForSelector("#no-monitors", { timeout: 30000 });
   });
 
-  await test("alerts: a rule made in the form fires, the card shows ALERT, the incident lists its key frame", async () => {
+  await test("alerts: a rule made in the form fires, the card shows ALERT, the incident's clip plays", async () => {
     await page.goto(base);
     await page.waitForFunction(() => document.querySelector("#health")?.textContent === "ready");
     await page.click("#nav-monitors");
@@ -330,9 +330,10 @@ async function main() {
     await page.fill("#monitor-confirm-m", "3");
     await page.click("#monitor-save");
     await page.waitForSelector(".monitor-card .alert-badge", { timeout: 60000 });
-    await page.waitForSelector("#incidents .incident img.evidence", { timeout: 30000 });
-    await page.waitForFunction(() => [...document.querySelectorAll("#incidents img.evidence")].some((i) => i.naturalWidth > 0),
-      null, { timeout: 30000 });
+    // The evidence clip (cut from the upload once the opening window ended) plays in the list.
+    await page.waitForSelector("#incidents .incident video.evidence-clip", { timeout: 30000 });
+    await page.waitForFunction(() => [...document.querySelectorAll("#incidents video.evidence-clip")]
+      .some((v) => v.readyState >= 2 && v.duration > 0 && v.videoWidth > 0), null, { timeout: 30000 });
     const incident = await page.textContent("#incidents .incident");
     if (!incident.includes("porch") || !incident.includes("open") || !incident.includes("yes")) throw new Error(incident);
     await page.screenshot({ path: join(artifacts, "alerts.png"), fullPage: true });

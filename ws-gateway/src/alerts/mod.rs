@@ -81,6 +81,12 @@ struct Inner {
 #[derive(Clone)]
 pub(crate) struct Alerts(Arc<Inner>);
 
+/// Windows of an incident kept in its record: the opening one and the newest ones (an incident
+/// open for a day would otherwise grow without bound, and be rewritten at every window).
+const MAX_WINDOWS: usize = 500;
+/// Windows of the incident a notification carries (the newest; `windows_total` says how many).
+const NOTIFY_WINDOWS: usize = 10;
+
 /// RFC 3339 (UTC) with milliseconds.
 pub(crate) fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_default()
@@ -320,6 +326,13 @@ impl MonitorAlerts {
                 let w = self.window_row().await;
                 let mut incident = self.open.clone()?;
                 incident.windows.push(w);
+                if incident.windows.len() > MAX_WINDOWS {
+                    // Keep the opening window; the oldest of the rest go, with their key frames.
+                    let gone = incident.windows.remove(1);
+                    if let Some(f) = gone.frame {
+                        let _ = tokio::fs::remove_file(self.alerts.0.store.incident_file(&f)).await;
+                    }
+                }
                 self.save(incident, None).await;
                 None
             }
@@ -339,14 +352,13 @@ impl MonitorAlerts {
             frame: None,
         };
         if let (Some(frame), Some(incident)) = (self.evidence.frame(), self.open.as_ref().map(|i| i.id.clone())) {
-            let n = self.open.as_ref().map_or(0, |i| i.windows.len());
-            row.frame = self.write_frame(&incident, n, frame).await;
+            row.frame = self.write_frame(&incident, &format!("{}-{}", row.window, row.decided_ms), frame).await;
         }
         row
     }
 
-    async fn write_frame(&self, incident: &str, n: usize, frame: ingest::Frame) -> Option<String> {
-        let name = format!("{incident}/{n}.jpg");
+    async fn write_frame(&self, incident: &str, key: &str, frame: ingest::Frame) -> Option<String> {
+        let name = format!("{incident}/{key}.jpg");
         let path = self.alerts.0.store.incident_file(&name);
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let jpeg = crate::monitors::jpeg(&(frame.width, frame.height, frame.rgb.to_vec()))
@@ -488,12 +500,24 @@ impl MonitorAlerts {
             .into_iter()
             .map(|(kind, url, secret)| {
                 let id = format!("d{}", crate::server::new_id());
+                let mut summary = wire_incident(incident);
+                let total = summary.windows.len();
+                let keep = total.saturating_sub(NOTIFY_WINDOWS);
+                summary.windows.drain(..keep);
+                // Frame URLs end in their window's index.
+                summary.frames.retain(|f| {
+                    f.rsplit('/')
+                        .next()
+                        .and_then(|n| n.strip_suffix(".jpg")?.parse::<usize>().ok())
+                        .is_some_and(|n| n >= keep)
+                });
                 let body = json!({
                     "delivery": id,
                     "event": event,
                     "created_at": rfc3339(now_ms()),
                     "monitor": {"id": self.monitor, "name": self.name},
-                    "incident": wire_incident(incident),
+                    "incident": summary,
+                    "windows_total": total,
                     "window": c.map(|c| json!({
                         "window": c.window, "start_s": c.start_s, "end_s": c.end_s, "text": c.text,
                         "value": c.value,

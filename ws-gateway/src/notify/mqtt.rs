@@ -20,6 +20,11 @@ use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use serde_json::json;
 use tokio::sync::oneshot;
 
+/// Largest MQTT packet sent or taken (rumqttc's default is 10 KiB; a notification with a long
+/// answer is more). Larger payloads are refused before they are queued: one message that the
+/// connection cannot carry must not take the connection down with it.
+const MAX_PACKET: usize = 1 << 20;
+
 /// Where the broker is.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct MqttOptions {
@@ -158,6 +163,9 @@ impl Mqtt {
         payload: Vec<u8>,
         wait: Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), String> {
+        if payload.len() + topic.len() + 16 > MAX_PACKET {
+            return Err(format!("the MQTT message is {} bytes, over the {MAX_PACKET}-byte limit", payload.len()));
+        }
         let client = s.client.as_ref().filter(|_| s.connected).ok_or("the MQTT broker is not connected")?;
         client.try_publish(topic, QoS::AtLeastOnce, retain, payload).map_err(|e| format!("MQTT: {e}"))?;
         s.queued.push_back(wait);
@@ -275,6 +283,7 @@ impl Mqtt {
         let o = &self.options;
         let mut opts = rumqttc::MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
         opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
         opts.set_last_will(LastWill::new(self.availability(), "offline", QoS::AtLeastOnce, true));
         if let Some((u, p)) = &o.credentials {
             opts.set_credentials(u.clone(), p.clone());
@@ -350,7 +359,15 @@ impl Mqtt {
 
 #[cfg(test)]
 mod tests {
-    use super::MqttOptions;
+    use super::{MAX_PACKET, Mqtt, MqttOptions, Shared};
+
+    #[test]
+    fn a_message_too_large_for_a_packet_is_refused_before_it_is_queued() {
+        let mut s = Shared::default();
+        let e = Mqtt::publish(&mut s, "lookout/m/events".into(), false, vec![b'x'; MAX_PACKET], None).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        assert!(s.queued.is_empty());
+    }
 
     #[test]
     fn broker_urls_parse_and_errors_hide_the_password() {

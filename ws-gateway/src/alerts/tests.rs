@@ -284,3 +284,31 @@ async fn pending_deliveries_survive_a_restart_and_keep_their_id_and_signature() 
     }
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_cooldown_keeps_a_second_incident_from_opening_right_after_the_first_closes() {
+    let store = Store::open(&temp_dir()).await.unwrap();
+    let alerts = Alerts::start(store.clone(), fast(true));
+    // Positive, negative, then positives only: without the cooldown a second incident would
+    // open at the third window.
+    let script = ["a person ", "nobody ", "a person ", "a person ", "a person ", "a person "];
+    let analyzer = FakeAnalyzer::scripted(&script, Duration::from_millis(5));
+    let watches = Watches::new(Arc::new(SyntheticSources::default()), Default::default());
+    let monitors = Monitors::new(store.clone(), watches, Arc::new(Ready(analyzer)), MonitorOptions::default(), alerts);
+    let rule = json!({"when": {"matches": "person"}, "clear_after": 1, "cooldown_s": 3600});
+    monitors.create(monitor_row("m1", rule)).await.unwrap();
+    let (mut viewer, _) = monitors.subscribe("m1").unwrap();
+    let (mut alerts_seen, mut windows) = (Vec::new(), 0);
+    while windows < 12 {
+        let m = tokio::time::timeout(Duration::from_secs(10), viewer.next()).await.unwrap().unwrap();
+        match &*m {
+            ServerMessage::Alert { state, .. } => alerts_seen.push(*state),
+            ServerMessage::WindowDone { .. } => windows += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(alerts_seen, [AlertState::Firing, AlertState::Resolved], "one incident in 12 windows");
+    let all = store.incidents(&crate::store::IncidentQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 1);
+    monitors.shutdown().await;
+}

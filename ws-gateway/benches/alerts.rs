@@ -125,8 +125,13 @@ async fn latency(base: &str, upload: &str, mqtt_port: u16, n: usize) {
     let mut cut: HashMap<u64, Instant> = HashMap::new();
     let mut fired: Vec<(String, Instant, Instant)> = Vec::new();
     let mut missed = 0;
+    let debug = std::env::var_os("BENCH_DEBUG").is_some();
     while fired.len() < n {
-        match recv(&mut ws).await {
+        let m = recv(&mut ws).await;
+        if debug && !matches!(m, ServerMessage::Token { .. } | ServerMessage::Status { .. }) {
+            eprintln!("{:?} {m:?}", Instant::now());
+        }
+        match m {
             ServerMessage::Window { id, .. } => {
                 cut.insert(id, Instant::now());
             }
@@ -139,9 +144,20 @@ async fn latency(base: &str, upload: &str, mqtt_port: u16, n: usize) {
                 } else {
                     missed += 1;
                 }
-                // Resolve it and put the rule back: the next window opens the next incident.
+                // Resolve it (removing the rule) and, once resolved, put the rule back: the next
+                // window opens the next incident. (Both changes at once could reach the monitor
+                // as one, no change at all: it follows the newest settings.)
                 let url = format!("http://{base}/v1/monitors/{id}");
                 http("PATCH", url.clone(), json!({"alert": null})).await;
+                loop {
+                    match recv(&mut ws).await {
+                        ServerMessage::Alert { state: AlertState::Resolved, .. } => break,
+                        ServerMessage::Window { id, .. } => {
+                            cut.insert(id, Instant::now());
+                        }
+                        _ => {}
+                    }
+                }
                 http("PATCH", url, json!({"alert": rule})).await;
             }
             _ => {}

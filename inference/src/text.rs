@@ -119,6 +119,19 @@ pub struct TextModel {
     head_dim: usize,
     device: Device,
     dtype: DType,
+    attention_budget: usize,
+}
+
+/// Bytes the attention scores of one layer may take at once (all heads, f32; the scaled and
+/// the softmaxed copies live beside them, so about three times this at the peak). A longer
+/// prompt is attended a block of query rows at a time: memory grows with its length, not its
+/// square (a 30 s clip at the default budgets is some 17,000 tokens, whose full score matrix
+/// alone would be 1.2 GB per head).
+pub const ATTENTION_BUDGET: usize = 64 << 20;
+
+/// Query rows per block so that `heads` score rows of `total` keys fit in `budget` bytes.
+pub(crate) fn rows_per_block(heads: usize, total: usize, n: usize, budget: usize) -> usize {
+    (budget / (heads * total * 4).max(1)).clamp(1, n.max(1))
 }
 
 impl std::fmt::Debug for TextModel {
@@ -184,7 +197,13 @@ impl TextModel {
             head_dim: hd,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            attention_budget: ATTENTION_BUDGET,
         })
+    }
+
+    /// Sets the bytes one layer's attention scores may take at once (see [`ATTENTION_BUDGET`]).
+    pub fn set_attention_budget(&mut self, bytes: usize) {
+        self.attention_budget = bytes.max(1);
     }
 
     /// Number of decoder layers.
@@ -226,13 +245,12 @@ impl TextModel {
     /// Returns the final-normed hidden state of the last position, `(1, hidden)`.
     pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, deepstack: &[Tensor]) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let past = cache.len();
-        let mask = if n > 1 { Some(causal_mask(n, past, &self.device)?) } else { None };
         let mut h = x.unsqueeze(0)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let r = h.clone();
-            let a = layer.attn.forward(&layer.input_norm.forward(&h)?, rope, cache, i, i == last, mask.as_ref())?;
+            let a =
+                layer.attn.forward(&layer.input_norm.forward(&h)?, rope, cache, i, i == last, self.attention_budget)?;
             h = (r + a)?;
             let r = h.clone();
             let m = layer.post_norm.forward(&h)?;
@@ -252,12 +270,13 @@ impl TextModel {
     }
 }
 
-/// Additive causal mask `(n, past + n)` in f32: 0 where visible, -inf above the diagonal.
-fn causal_mask(n: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let total = past + n;
-    let mask: Vec<f32> =
-        (0..n).flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (n, total), device)
+/// Additive causal mask of query rows `from..from + rows` of a block whose keys are the `past`
+/// cached positions and its own (`total` in all), in f32: 0 where visible, -inf after the row.
+fn causal_mask(from: usize, rows: usize, past: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (from..from + rows)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (rows, total), device)
 }
 
 impl Attention {
@@ -268,7 +287,7 @@ impl Attention {
         cache: &mut KvCache,
         layer: usize,
         last_layer: bool,
-        mask: Option<&Tensor>,
+        budget: usize,
     ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -281,17 +300,29 @@ impl Attention {
         let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
         let (k, v) = cache.append(layer, &k, &v, last_layer)?;
         let total = k.dim(2)?;
+        let past = total - n;
         // GQA without copying K/V: fold the query heads that share a KV head into the rows.
         let rep = self.heads / self.kv_heads;
-        let q = q.contiguous()?.reshape((b, self.kv_heads, rep * n, hd))?;
-        let att = (q.matmul(&k.contiguous()?.t()?)? * (hd as f64).powf(-0.5))?;
-        let att = att.reshape((b, self.heads, n, total))?;
-        let att = match mask {
-            Some(m) => att.broadcast_add(&m.to_dtype(att.dtype())?)?,
-            None => att,
-        };
-        let att = softmax_f32(&att)?.reshape((b, self.kv_heads, rep * n, total))?;
-        let o = att.matmul(&v.contiguous()?)?.reshape((b, self.heads, n, hd))?;
+        let kt = k.contiguous()?.t()?;
+        let v = v.contiguous()?;
+        let scale = (hd as f64).powf(-0.5);
+        // A long prompt is attended a block of query rows at a time (each row's softmax is its own).
+        let block = rows_per_block(self.heads, total, n, budget);
+        let mut outs = Vec::with_capacity(n.div_ceil(block));
+        for from in (0..n).step_by(block) {
+            let rows = block.min(n - from);
+            let qb = if rows == n { q.clone() } else { q.narrow(2, from, rows)? };
+            let qb = qb.contiguous()?.reshape((b, self.kv_heads, rep * rows, hd))?;
+            let att = (qb.matmul(&kt)? * scale)?.reshape((b, self.heads, rows, total))?;
+            let att = if n > 1 {
+                att.broadcast_add(&causal_mask(from, rows, past, total, x.device())?.to_dtype(att.dtype())?)?
+            } else {
+                att
+            };
+            let att = softmax_f32(&att)?.reshape((b, self.kv_heads, rep * rows, total))?;
+            outs.push(att.matmul(&v)?.reshape((b, self.heads, rows, hd))?);
+        }
+        let o = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 2)? };
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * hd))?;
         self.o.forward(&o)
     }
@@ -303,9 +334,19 @@ mod tests {
 
     #[test]
     fn causal_mask_shape() {
-        let m = causal_mask(2, 3, &Device::Cpu).unwrap();
+        let m = causal_mask(0, 2, 3, 5, &Device::Cpu).unwrap();
         let v: Vec<Vec<f32>> = m.to_vec2().unwrap();
         assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(v[1], vec![0.0; 5]);
+        // The second row alone, as a block of its own.
+        let m = causal_mask(1, 1, 3, 5, &Device::Cpu).unwrap();
+        assert_eq!(m.to_vec2::<f32>().unwrap(), [v[1].clone()]);
+    }
+
+    #[test]
+    fn blocks_fit_the_budget() {
+        assert_eq!(rows_per_block(16, 1000, 10, 1 << 30), 10, "a short prompt is one block");
+        assert_eq!(rows_per_block(16, 17_000, 17_000, 64 << 20), 61);
+        assert_eq!(rows_per_block(16, 1 << 30, 5, 1), 1, "at least one row");
     }
 }

@@ -83,17 +83,18 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, segments: &[(usize, usize)]) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Rotary, segments: &[(usize, usize)], budget: usize) -> Result<Tensor> {
         let h = self.norm1.forward(x)?;
-        let x = (x + self.attention(&h, rotary, segments)?)?;
+        let x = (x + self.attention(&h, rotary, segments, budget)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?;
         let h = if self.exact_gelu { h.gelu_erf()? } else { crate::fastmath::gelu_tanh(&h)? };
         x + self.fc2.forward(&h)?
     }
 
     /// Full attention within each segment (one image or one frame pair); `segments` lists
-    /// `(count, length)` runs of equal-length segments, so each run is one batched matmul.
-    fn attention(&self, x: &Tensor, rotary: &Rotary, segments: &[(usize, usize)]) -> Result<Tensor> {
+    /// `(count, length)` runs of equal-length segments, so each run is batched matmuls of as
+    /// many segments as `budget` bytes of scores hold (at least one).
+    fn attention(&self, x: &Tensor, rotary: &Rotary, segments: &[(usize, usize)], budget: usize) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let hd = d / self.heads;
         let dtype = x.dtype();
@@ -113,17 +114,24 @@ impl Block {
         let scale = (hd as f64).powf(-0.5);
         let mut outs = Vec::with_capacity(segments.len());
         let mut start = 0;
-        for &(count, len) in segments {
-            let rows = count * len;
-            let shape = (count, len, self.heads, hd);
-            let qs = q.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
-            let ks = k.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
-            let vs = v.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
-            let att = (qs.matmul(&ks.t()?)? * scale)?;
-            let att = softmax_f32(&att)?;
-            let o = att.matmul(&vs)?.transpose(1, 2)?.reshape((rows, d))?;
-            outs.push(o);
-            start += rows;
+        for &(count_all, len) in segments {
+            let per_segment = self.heads * len * len * 4;
+            let batch = (budget / per_segment.max(1)).clamp(1, count_all.max(1));
+            let mut left = count_all;
+            while left > 0 {
+                let count = batch.min(left);
+                let rows = count * len;
+                let shape = (count, len, self.heads, hd);
+                let qs = q.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+                let ks = k.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+                let vs = v.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+                let att = (qs.matmul(&ks.t()?)? * scale)?;
+                let att = softmax_f32(&att)?;
+                let o = att.matmul(&vs)?.transpose(1, 2)?.reshape((rows, d))?;
+                outs.push(o);
+                start += rows;
+                left -= count;
+            }
         }
         let o = Tensor::cat(&outs, 0)?;
         self.proj.forward(&o)
@@ -142,6 +150,7 @@ pub struct VisionModel {
     inv_freq: Vec<f32>,
     device: Device,
     dtype: DType,
+    attention_budget: usize,
 }
 
 impl std::fmt::Debug for VisionModel {
@@ -188,7 +197,14 @@ impl VisionModel {
             inv_freq,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            attention_budget: crate::text::ATTENTION_BUDGET,
         })
+    }
+
+    /// Sets the bytes one block's attention scores may take at once (frame pairs are batched up
+    /// to it; see [`crate::text::ATTENTION_BUDGET`]).
+    pub fn set_attention_budget(&mut self, bytes: usize) {
+        self.attention_budget = bytes.max(1);
     }
 
     /// Block-major (row, col) patch coordinates of one `h x w` grid (2x2 merge units contiguous).
@@ -298,7 +314,7 @@ impl VisionModel {
         let segments: Vec<(usize, usize)> = grids.iter().map(|g| (g[0], g[1] * g[2])).collect();
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &rotary, &segments)?;
+            x = block.forward(&x, &rotary, &segments, self.attention_budget)?;
             for (layer, merger) in &self.deepstack {
                 if *layer == i {
                     deepstack.push(merger.forward(&x)?);

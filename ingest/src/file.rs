@@ -30,6 +30,9 @@ pub struct VideoInfo {
     pub duration_s: f64,
     /// First presentation time in seconds.
     pub start_s: f64,
+    /// How frames are turned for display (`width` and `height` are the turned size, as the
+    /// frames are delivered turned).
+    pub rotation: crate::orientation::Rotation,
 }
 
 /// How to decode.
@@ -93,6 +96,7 @@ impl FileSource {
             return Err(IngestError::UnsupportedCodec { path, codec });
         }
         let header_rate = stream.rate();
+        let rotation = crate::orientation::Rotation::of(&stream);
         let (width, height) = {
             let ctx = ff::codec::context::Context::from_parameters(params)
                 .map_err(|e| IngestError::Decode { path: path.clone(), reason: e.to_string() })?;
@@ -148,7 +152,8 @@ impl FileSource {
             0.0
         };
         let fps = if duration_s != 0.0 { frame_count as f64 / duration_s } else { rate };
-        let info = VideoInfo { codec, width, height, frame_count, fps, duration_s, start_s };
+        let (width, height) = rotation.turned(width, height);
+        let info = VideoInfo { codec, width, height, frame_count, fps, duration_s, start_s, rotation };
         Ok(FileSource { path, info, stream_index, time_base, pts: Arc::new(pts), all_timed })
     }
 
@@ -313,7 +318,9 @@ impl DecodeJob {
                 let pts_s = decoded.pts().map_or(0.0, |p| pts_seconds(p, src.time_base)).max(0.0);
                 let (width, height) = (decoded.width(), decoded.height());
                 // The conversion may take the frame's buffers (the filter path does).
-                let rgb: Arc<[u8]> = converter.convert(&mut decoded, decoder.packet_time_base()).map_err(err)?.into();
+                let rgb = converter.convert(&mut decoded, decoder.packet_time_base()).map_err(err)?;
+                let (rgb, width, height) = src.info.rotation.apply(rgb, width, height);
+                let rgb: Arc<[u8]> = rgb.into();
                 let frame = Frame { seq: index as u64, pts: Duration::from_secs_f64(pts_s), width, height, rgb };
                 for _ in 0..times {
                     if tx.send(Ok(frame.clone())).is_err() {

@@ -27,6 +27,7 @@ mod error;
 pub mod evidence;
 mod file;
 pub mod live;
+pub mod orientation;
 pub mod replay;
 pub mod ring;
 pub mod rtsp;

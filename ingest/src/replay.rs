@@ -115,6 +115,7 @@ fn run(
             .best(ff::media::Type::Video)
             .ok_or_else(|| IngestError::NoVideo { path: path.to_owned() })?;
         let index = stream.index();
+        let rotation = crate::orientation::Rotation::of(&stream);
         let tb = stream.time_base();
         let time_base = (tb.numerator(), tb.denominator());
         let mut decoder = ff::codec::context::Context::from_parameters(stream.parameters())
@@ -162,7 +163,9 @@ fn run(
                     continue;
                 }
                 let (width, height) = (decoded.width(), decoded.height());
-                let rgb: Arc<[u8]> = converter.convert(&mut decoded, tb).map_err(err)?.into();
+                let rgb = converter.convert(&mut decoded, tb).map_err(err)?;
+                let (rgb, width, height) = rotation.apply(rgb, width, height);
+                let rgb: Arc<[u8]> = rgb.into();
                 if !ring.push(Frame { seq, pts: at, width, height, rgb }) {
                     return Ok(RingEnd::Stopped);
                 }

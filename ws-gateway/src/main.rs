@@ -120,6 +120,10 @@ struct ServeArgs {
     /// An MQTT broker for alerts and Home Assistant: mqtt://[user:password@]host[:port].
     #[arg(long, env = "LOOKOUT_MQTT_URL")]
     mqtt_url: Option<String>,
+    /// MiB that clips of REST and chat requests may take in all, decoding and waiting for the
+    /// model; a clip that needs more is refused (413) [default: 2048].
+    #[arg(long, env = "LOOKOUT_MEDIA_BUDGET_MB")]
+    media_budget_mb: Option<u64>,
 }
 
 impl ServeArgs {
@@ -156,6 +160,7 @@ impl ServeArgs {
             webhook_attempts: self.webhook_attempts.or(f.webhook_attempts),
             webhook_retry_s: self.webhook_retry_s.or(f.webhook_retry_s),
             mqtt_url: self.mqtt_url.or(f.mqtt_url),
+            media_budget_mb: self.media_budget_mb.or(f.media_budget_mb),
         })
     }
 }
@@ -236,6 +241,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention_every: d.retention_every,
         webrtc,
         alerts,
+        media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {

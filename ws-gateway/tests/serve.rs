@@ -706,3 +706,44 @@ async fn malformed_multipart_uploads_get_a_4xx_and_the_server_keeps_serving() {
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }
+
+/// Defect 1 of the reliability issue: a clip's decoding memory is reserved from the server's
+/// media budget before it is decoded; a clip that can never fit is refused with a 413 that says
+/// what to change, concurrent ones within the budget wait their turn, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clips_are_sampled_within_the_media_budget() {
+    // The fixture clip (480x270) needs about 3 MiB at these settings.
+    let mut small = start_server(|c| c.media_budget_mb = 1).await;
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let post = |base: String, clip: Vec<u8>| async move {
+        let url = format!("http://{base}/v1/inference/upload");
+        let params = r#"{"fps": 1.0, "min_pixels": 4096, "max_pixels": 16384}"#;
+        let (ct, body) =
+            multipart_fields(&[("prompt", "What happens?"), ("video_params", params), ("max_tokens", "3")], &clip);
+        tokio::task::spawn_blocking(move || match ureq::post(&url).set("Content-Type", &ct).send_bytes(&body) {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        })
+        .await
+        .unwrap()
+    };
+    let (status, v) = post(small.base.clone(), clip.clone()).await;
+    assert_eq!(status, 413, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--media-budget-mb") && message.contains("max_pixels"), "{message}");
+    let (status, _) = post_json(format!("http://{}/v1/health", small.base), String::new()).await;
+    assert_ne!(status, 500);
+    small.stop.take().unwrap().send(()).unwrap();
+    small.task.await.unwrap();
+
+    // Room for one clip at a time: four at once all succeed, one after another.
+    let mut one = start_server(|c| c.media_budget_mb = 5).await;
+    let runs: Vec<_> = (0..4).map(|_| tokio::spawn(post(one.base.clone(), clip.clone()))).collect();
+    for r in runs {
+        let (status, v) = r.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    one.stop.take().unwrap().send(()).unwrap();
+    one.task.await.unwrap();
+}

@@ -32,11 +32,12 @@ impl FileClip {
         let info = ingest::probe(&self.path).map_err(|e| e.to_string())?;
         let (mut from, mut to) = (from_s.max(0.0), to_s.max(0.0));
         if self.looped && info.fps > 0.0 && info.frame_count > 0 {
-            // The replay's loop is the clip's frames at its rate (see ingest::replay).
+            // The replay's loop is the clip's frames at its rate (see ingest::replay). A span
+            // that crosses the loop point, or is longer than the clip, is the whole clip.
             let length = info.frame_count as f64 / info.fps;
-            let base = (to / length).floor() * length;
-            to -= base;
-            from = (from - base).max(0.0);
+            let span = to - from;
+            let end = to % length;
+            (from, to) = if span < length && end >= span { (end - span, end) } else { (0.0, length) };
         }
         ingest::evidence::cut_mp4(&self.path, info.start_s + from, info.start_s + to, out)
     }

@@ -77,6 +77,9 @@ pub struct ServeConfig {
     pub webrtc: WebrtcConfig,
     /// Alert notifications.
     pub alerts: AlertConfig,
+    /// MiB that clips being sampled, and sampled clips waiting for the model, may take in all
+    /// (REST and chat requests; each reserves its estimate before decoding).
+    pub media_budget_mb: u64,
 }
 
 /// How alert notifications are delivered.
@@ -113,6 +116,54 @@ pub(crate) fn upload_file(data_dir: &std::path::Path, id: &str) -> Option<PathBu
     uploads::upload_path(data_dir, id)
 }
 
+/// The media budget of the server: MiB permits.
+#[derive(Clone)]
+pub(crate) struct MediaBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total_mb: u64,
+}
+
+/// How long a request waits for its share of the media budget.
+const MEDIA_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl MediaBudget {
+    fn new(total_mb: u64) -> Self {
+        let total_mb = total_mb.clamp(1, u64::from(u32::MAX >> 4));
+        MediaBudget { permits: Arc::new(tokio::sync::Semaphore::new(total_mb as usize)), total_mb }
+    }
+
+    /// Reserves `bytes` (on a blocking thread): waits while other requests hold the budget, up
+    /// to a minute; refuses a clip that could never fit.
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<tokio::sync::OwnedSemaphorePermit, crate::clip::ClipError> {
+        let mb = bytes.div_ceil(1 << 20).max(1);
+        let total = self.total_mb;
+        if mb > total {
+            return Err(crate::clip::ClipError::Budget {
+                never: true,
+                message: format!(
+                    "this clip needs about {mb} MiB to decode and hold (its resolution, and the count and size of the \
+                     frames sampled), more than the server's {total} MiB for clips (--media-budget-mb): lower fps or \
+                     max_pixels, or send a lower resolution"
+                ),
+            });
+        }
+        let acquire = self.permits.clone().acquire_many_owned(mb as u32);
+        let waited = tokio::runtime::Handle::current().block_on(tokio::time::timeout(MEDIA_WAIT, acquire));
+        match waited {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => {
+                Err(crate::clip::ClipError::Budget { never: false, message: "the server is stopping".into() })
+            }
+            Err(_) => Err(crate::clip::ClipError::Budget {
+                never: false,
+                message: format!(
+                    "other clips hold the server's {total} MiB for clips; this one needs {mb} MiB: try again shortly"
+                ),
+            }),
+        }
+    }
+}
+
 /// Checks an MQTT broker URL (`--mqtt-url`); the error never repeats a password.
 pub fn check_mqtt_url(url: &str) -> Result<(), String> {
     crate::notify::mqtt::MqttOptions::parse(url).map(drop)
@@ -139,6 +190,7 @@ impl Default for ServeConfig {
             retention_every: crate::monitors::MonitorOptions::default().retention_every,
             webrtc: WebrtcConfig::default(),
             alerts: AlertConfig::default(),
+            media_budget_mb: 2048,
         }
     }
 }
@@ -198,6 +250,8 @@ pub(crate) struct AppState {
     pub(crate) watches: crate::watch::Watches,
     /// The monitors and their history.
     pub(crate) monitors: crate::monitors::Monitors,
+    /// Memory for clips of REST and chat requests.
+    pub(crate) media: MediaBudget,
 }
 
 /// Waits on the model's state for monitors.
@@ -259,6 +313,7 @@ impl AppState {
             monitor_options,
             alerts,
         );
+        let media = MediaBudget::new(config.media_budget_mb);
         AppState {
             config,
             model,
@@ -270,6 +325,7 @@ impl AppState {
             whip,
             watches,
             monitors,
+            media,
         }
     }
 

@@ -268,19 +268,22 @@ pub(crate) async fn chat_completions(
         messages.push(Message { role: m.role, content });
     }
     let opts = sample_options(&req.video_params);
-    let videos = tokio::task::spawn_blocking(move || {
+    let media = state.media.clone();
+    // Each clip's memory stays reserved until the answer is complete (the permits live to the end).
+    let (videos, _reserved): (Vec<_>, Vec<_>) = tokio::task::spawn_blocking(move || {
         clips
             .iter()
             .map(|p| {
-                crate::clip::sample_file(p, &opts, ingest::DecodeOptions::default())
-                    .map(|s| s.into_video_input())
-                    .map_err(|e| super::media_error(e, p))
+                crate::clip::sample_file_within(p, &opts, ingest::DecodeOptions::default(), |b| media.reserve(b))
+                    .map(|(s, held)| (s.into_video_input(), held))
+                    .map_err(|e| super::rest::clip_failure(e, p))
             })
             .collect::<Result<Vec<_>, _>>()
     })
     .await
-    .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, e.to_string()))?;
+    .map_err(|e| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))??
+    .into_iter()
+    .unzip();
     drop(temps);
 
     let settings = protocol::GenerationSettings {

@@ -72,6 +72,24 @@ pub(crate) async fn fetch_to_temp(config: &super::ServeConfig, url: &str) -> Res
 }
 
 /// Samples the clip (blocking, off the runtime), asks the engine, collects the answer.
+/// A clip's error as the API answers it.
+pub(crate) fn clip_failure(e: crate::clip::ClipError, path: &Path) -> ApiFailure {
+    match e {
+        crate::clip::ClipError::Ingest(e) => ApiFailure::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            format!("not a playable video: {}", super::media_error(e, path)),
+        ),
+        crate::clip::ClipError::Sample(e) => {
+            ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, super::media_error(e, path))
+        }
+        crate::clip::ClipError::Budget { never: true, message } => {
+            ApiFailure::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BadRequest, message)
+        }
+        crate::clip::ClipError::Budget { never: false, message } => ApiFailure::unavailable(&message),
+    }
+}
+
 async fn analyze(
     state: &AppState,
     path: &Path,
@@ -87,22 +105,14 @@ async fn analyze(
     let t = Instant::now();
     let opts = sample_options(&params);
     let p = path.to_owned();
-    let sampled =
-        tokio::task::spawn_blocking(move || crate::clip::sample_file(&p, &opts, ingest::DecodeOptions::default()))
-            .await
-            .map_err(internal)?
-            .map_err(|e| match e {
-                crate::clip::ClipError::Ingest(e) => ApiFailure::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    ErrorCode::BadRequest,
-                    format!("not a playable video: {}", super::media_error(e, path)),
-                ),
-                crate::clip::ClipError::Sample(e) => ApiFailure::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    ErrorCode::BadRequest,
-                    super::media_error(e, path),
-                ),
-            })?;
+    let media = state.media.clone();
+    // The clip's memory stays reserved until its answer is complete (the permit lives to the end).
+    let (sampled, _reserved) = tokio::task::spawn_blocking(move || {
+        crate::clip::sample_file_within(&p, &opts, ingest::DecodeOptions::default(), |bytes| media.reserve(bytes))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| clip_failure(e, path))?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1000.0;
     let answer = response_format.as_ref().and_then(protocol::ResponseFormat::answer);
     let settings = protocol::GenerationSettings { temperature, max_tokens, answer, ..Default::default() };

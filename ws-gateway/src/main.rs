@@ -131,7 +131,16 @@ impl ServeArgs {
     fn merged(self) -> anyhow::Result<Self> {
         let Some(path) = &self.config else { return Ok(self) };
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let f: ServeArgs = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let f: ServeArgs = toml::from_str(&text).map_err(|e| {
+            // One line: where, and what toml says (its own text quotes the file over several lines).
+            let at = e.span().map_or(String::new(), |s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {column}")
+            });
+            anyhow::anyhow!("{}{at}: {}", path.display(), e.message().trim())
+        })?;
         Ok(ServeArgs {
             config: self.config,
             model: self.model.or(f.model),
@@ -167,9 +176,9 @@ impl ServeArgs {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let args = args.merged()?;
-    let model = args
-        .model
-        .ok_or_else(|| anyhow::anyhow!("no model: give --model, LOOKOUT_MODEL or `model` in the config file"))?;
+    // Every other setting is checked first: a file with a bad value and no model is told about
+    // the bad value.
+    let model = args.model.clone();
     let host = args.host.unwrap_or_else(|| "127.0.0.1".into());
     let port = args.port.unwrap_or(8000);
     let mut live = ws_gateway::server::LiveConfig::default();
@@ -219,10 +228,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ws_gateway::server::check_mqtt_url(&u).map_err(anyhow::Error::msg)?;
         alerts.mqtt_url = Some(u);
     }
+    let device = args.device.as_deref().unwrap_or("cpu").parse()?;
+    let dtype = inference::parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?;
+    let model =
+        model.ok_or_else(|| anyhow::anyhow!("no model: give --model, LOOKOUT_MODEL or `model` in the config file"))?;
     let config = ws_gateway::server::ServeConfig {
         model,
-        device: args.device.as_deref().unwrap_or("cpu").parse()?,
-        dtype: inference::parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?,
+        device,
+        dtype,
         data_dir: args.data_dir.unwrap_or_else(|| "lookout-data".into()),
         api_key: args.api_key.filter(|k| !k.is_empty()),
         max_upload_bytes: args.max_upload_mb.unwrap_or(512).saturating_mul(1 << 20),

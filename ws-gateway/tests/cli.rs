@@ -212,3 +212,92 @@ fn a_second_signal_ends_a_slow_shutdown_at_once() {
     assert_eq!(status.code(), Some(130));
     drop(tcp);
 }
+
+mod config {
+    //! Property test: any `--config` file (known settings with values of any type and size,
+    //! unknown ones, arbitrary text) is read or refused with a one-line error naming what to
+    //! change, never a panic. No file names a model, so a file whose every value is good ends at
+    //! the "no model" error before anything starts (the model is checked last).
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "host",
+        "port",
+        "data_dir",
+        "api_key",
+        "max_upload_mb",
+        "max_sessions",
+        "max_connections",
+        "max_ws_message_kb",
+        "engine_queue",
+        "dtype",
+        "device",
+        "allow_private_urls",
+        "rtsp_transport",
+        "rtsp_max_backoff_s",
+        "rtsp_allow_link_local",
+        "ice_servers",
+        "webrtc_udp_addrs",
+        "ws_start_timeout_s",
+        "header_read_timeout_s",
+        "retention_days",
+        "retention_max_events",
+        "allow_private_webhooks",
+        "webhook_attempts",
+        "webhook_retry_s",
+        "mqtt_url",
+        "media_budget_mb",
+        "no_such_setting",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| if v.is_finite() { format!("{v:?}") } else { "nan".into() }),
+            Just("inf".to_owned()),
+            Just("-1".to_owned()),
+            Just("0".to_owned()),
+            any::<bool>().prop_map(|v| v.to_string()),
+            "[ -~]{0,40}".prop_map(|s| format!("{s:?}")),
+            proptest::collection::vec("[ -~]{0,12}", 0..3).prop_map(|v| format!("{v:?}")),
+        ]
+    }
+
+    fn file() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::collection::vec((proptest::sample::select(KEYS), value()), 0..6)
+                .prop_map(|kv| kv.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect::<String>()),
+            1 => proptest::collection::vec(any::<u8>(), 0..200)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn any_config_file_is_read_or_refused_with_one_line(text in file()) {
+            let path = tmp(&format!("config-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+            std::fs::write(&path, &text).unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lookout"));
+            for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("LOOKOUT_")) {
+                cmd.env_remove(k);
+            }
+            let out = cmd.args(["serve", "--config"]).arg(&path).output().unwrap();
+            let _ = std::fs::remove_file(&path);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            prop_assert!(!stderr.contains("panicked"), "{text:?} → {stderr}");
+            prop_assert!(matches!(out.status.code(), Some(1 | 2)), "{text:?} → {:?} {stderr}", out.status);
+            prop_assert!(!stderr.trim().is_empty(), "{text:?}: no message");
+            prop_assert_eq!(stderr.trim().lines().count(), 1, "{:?} → {}", text, stderr);
+            // Either every value is good (then only the model is missing), or the line names the
+            // file and place, or the setting and what it must be.
+            let line = stderr.trim();
+            prop_assert!(
+                line.contains("no model") || line.contains(".toml at line") || line.contains("must be")
+                    || line.contains("use ") || line.contains("expected"),
+                "{text:?} → {stderr}"
+            );
+        }
+    }
+}

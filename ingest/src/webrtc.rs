@@ -78,6 +78,14 @@ pub struct WebrtcConfig {
     pub max_resources: usize,
     /// Longest wait for ICE candidate gathering before answering.
     pub gather_timeout: Duration,
+    /// A resource whose publisher has not connected this long after the answer is removed (a
+    /// client that posted an offer and went away, or cannot reach any candidate).
+    pub connect_timeout: Duration,
+    /// ICE: no traffic this long makes a connection disconnected...
+    pub ice_disconnected_timeout: Duration,
+    /// ...and this much longer failed, which ends its resource: a publisher that vanished
+    /// without DELETE is reaped after both.
+    pub ice_failed_timeout: Duration,
 }
 
 impl Default for WebrtcConfig {
@@ -87,6 +95,9 @@ impl Default for WebrtcConfig {
             udp_addrs: vec!["0.0.0.0:0".into()],
             max_resources: 16,
             gather_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+            ice_disconnected_timeout: Duration::from_secs(5),
+            ice_failed_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -262,11 +273,15 @@ impl Whip {
                     .with_interceptor_registry(registry)
                     .with_handler(handler as Arc<dyn PeerConnectionEventHandler>)
                     .with_udp_addrs(cfg.udp_addrs.clone());
+                let mut settings = SettingEngineBuilder::new().with_ice_timeouts(
+                    Some(cfg.ice_disconnected_timeout),
+                    Some(cfg.ice_failed_timeout),
+                    None,
+                );
                 if !mdns {
-                    builder = builder.with_setting_engine(
-                        SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build(),
-                    );
+                    settings = settings.with_multicast_dns_mode(MulticastDnsMode::Disabled);
                 }
+                builder = builder.with_setting_engine(settings.build());
                 builder.build().await.map_err(|e| WhipError::Internal(format!("cannot create a peer connection: {e}")))
             }
         };
@@ -320,8 +335,20 @@ impl Whip {
                 return Err(e);
             }
         };
-        self.map().insert(id.clone(), resource);
+        self.map().insert(id.clone(), resource.clone());
         tracing::info!(resource = %id, "WHIP resource created");
+        // A publisher that never connects does not keep its resource.
+        let (whip, limit) = (Arc::downgrade(self), cfg.connect_timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            if resource.connected.load(Ordering::Relaxed) || resource.ended.load(Ordering::Relaxed) {
+                return;
+            }
+            let removed = whip.upgrade().and_then(|w| w.map().remove(&resource.id));
+            if let Some(r) = removed {
+                r.end(&format!("the publisher did not connect within {limit:?}")).await;
+            }
+        });
         Ok((id, answer.sdp))
     }
 

@@ -331,3 +331,112 @@ async fn whip_serves_publishers_on_a_host_without_a_multicast_route() {
     }
     sending.abort();
 }
+
+/// The publisher of [`a_publisher_that_vanishes_without_delete_is_reaped`], in a child process
+/// the test kills: publishes to `LOOKOUT_TEST_WHIP_BASE`, prints its resource, sends until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a helper: run in a child process by a_publisher_that_vanishes_without_delete_is_reaped"]
+async fn vanishing_publisher() {
+    let base = std::env::var("LOOKOUT_TEST_WHIP_BASE").expect("run by the test that kills it");
+    let (location, _pc, sending) = publish(&base).await;
+    println!("LOCATION {location}");
+    let _ = sending.await;
+}
+
+/// Chaos: a WHIP publisher killed with SIGKILL (no DELETE, no goodbye) loses its resource once
+/// ICE gives up on it, and the watch on it ends; a publisher that posts an offer and never
+/// connects loses its resource after the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_vanishes_without_delete_is_reaped() {
+    use std::io::BufRead;
+    let server = start_server(|c| {
+        c.webrtc.udp_addrs = vec!["127.0.0.1:0".into()];
+        c.webrtc.ice_disconnected_timeout = Duration::from_secs(1);
+        c.webrtc.ice_failed_timeout = Duration::from_secs(2);
+        c.webrtc.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let base = server.base.clone();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "vanishing_publisher", "--nocapture", "--test-threads=1"])
+        .env("LOOKOUT_TEST_WHIP_BASE", &base)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let location = loop {
+        let line = lines.next().expect("the publisher printed its resource").unwrap();
+        // libtest writes "test vanishing_publisher ... " on the same line first.
+        if let Some((_, l)) = line.split_once("LOCATION ") {
+            break l.trim().to_owned();
+        }
+    };
+    let id = location.rsplit('/').next().unwrap().to_owned();
+    let mut ws = connect(&base).await;
+    send(&mut ws, &start_webrtc(&id)).await;
+    assert!(matches!(recv(&mut ws).await, ServerMessage::Ready { .. }));
+    loop {
+        if let ServerMessage::WindowDone { .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    loop {
+        if let ServerMessage::Ended { reason, message } = recv(&mut ws).await {
+            assert_eq!(reason, EndReason::EndOfStream, "{message}");
+            break;
+        }
+    }
+    let list = format!("http://{base}/v1/whip");
+    let listed: Vec<protocol::WhipResource> =
+        tokio::task::spawn_blocking(move || ureq::get(&list).call().unwrap().into_json().unwrap()).await.unwrap();
+    assert!(listed.iter().all(|r| r.id != id), "reaped: {listed:?}");
+    println!("a killed publisher's resource was reaped {:?} after the kill", killed.elapsed());
+
+    // An offer whose publisher never connects (its answer is never applied).
+    let mut engine = MediaEngine::default();
+    engine
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: "video/H264".into(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: "packetization-mode=1;profile-level-id=42e01f".into(),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: 102,
+            },
+            RtpCodecKind::Video,
+        )
+        .unwrap();
+    let (gathered, _) = tokio::sync::watch::channel(false);
+    let (connected, _) = tokio::sync::watch::channel(false);
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_handler(Arc::new(SenderEvents { gathered, connected }))
+        .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
+        .build()
+        .await
+        .unwrap();
+    pc.add_transceiver_from_kind(RtpCodecKind::Video, None).await.unwrap();
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer.clone()).await.unwrap();
+    let url = format!("http://{base}/v1/whip");
+    let sdp = offer.sdp;
+    let (code, _) =
+        tokio::task::spawn_blocking(move || http("POST", &url, Some("application/sdp"), &sdp)).await.unwrap();
+    assert_eq!(code, 201);
+    let list = format!("http://{base}/v1/whip");
+    let count =
+        move || -> usize { ureq::get(&list).call().unwrap().into_json::<Vec<serde_json::Value>>().unwrap().len() };
+    let c = count.clone();
+    assert_eq!(tokio::task::spawn_blocking(c).await.unwrap(), 1, "registered at first");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tokio::task::spawn_blocking(count).await.unwrap(), 0, "reaped after the connect timeout");
+    let _ = pc.close().await;
+}

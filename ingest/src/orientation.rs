@@ -62,7 +62,7 @@ impl Rotation {
 
     /// Turns a packed RGB frame; returns it with its new size.
     pub fn apply(self, rgb: Vec<u8>, width: u32, height: u32) -> (Vec<u8>, u32, u32) {
-        if self == Rotation::None {
+        if self == Rotation::None || rgb.len() != width as usize * height as usize * 3 {
             return (rgb, width, height);
         }
         let (w, h) = (width as usize, height as usize);

@@ -134,7 +134,7 @@ impl ServeArgs {
         let f: ServeArgs = toml::from_str(&text).map_err(|e| {
             // One line: where, and what toml says (its own text quotes the file over several lines).
             let at = e.span().map_or(String::new(), |s| {
-                let before = &text[..s.start.min(text.len())];
+                let before = text.get(..s.start).unwrap_or(&text);
                 let line = before.matches('\n').count() + 1;
                 let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
                 format!(" at line {line}, column {column}")

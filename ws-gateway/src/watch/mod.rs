@@ -676,7 +676,18 @@ impl Task {
                 s = stopped(stop_rx) => return Some(s),
                 ev = events.recv() => ev,
             };
-            match ev? {
+            let Some(ev) = ev else {
+                // The engine dropped the request without an end (its thread died mid-window):
+                // the window ends with an error and the watch goes on with the next one.
+                self.totals.refused.fetch_add(1, Ordering::Relaxed);
+                shared.hub.publish(error(
+                    ErrorCode::Model,
+                    format!("the model stopped answering window {} before its end", w.index),
+                    false,
+                ));
+                return None;
+            };
+            match ev {
                 EngineEvent::Queued | EngineEvent::Captured { .. } => {}
                 EngineEvent::Token { text } => shared.hub.publish(ServerMessage::Token { window: w.index, text }),
                 EngineEvent::Decided(d) => {

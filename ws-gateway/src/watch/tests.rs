@@ -312,3 +312,36 @@ async fn watches_sharing_a_busy_engine_each_get_their_share() {
         t.await.unwrap();
     }
 }
+
+/// Chaos: the engine dies in the middle of a window's answer (its channel closes without an
+/// end). The window ends with a non-fatal model error, the watch goes on with the next window,
+/// and the failure is counted.
+#[tokio::test]
+async fn an_engine_that_dies_mid_window_ends_that_window_with_an_error_and_the_watch_goes_on() {
+    let (watches, _) = registry(WatchOptions::default());
+    let analyzer = FakeAnalyzer::scripted(&["all quiet ", "half an !crash ", "quiet again "], Duration::from_millis(1));
+    // A 6 s clip in 2 s windows: three windows, the second one's answer dies after a token.
+    let (_owner, mut sub) = watches.start(spec_at("clip:12:2", 20.0, 2.0, 2.0), analyzer, client_closed(), None);
+    let events = all(&mut sub).await;
+    let mut per_window: Vec<(u64, String, bool, bool)> = Vec::new();
+    for e in &events {
+        match e {
+            ServerMessage::Window { id, .. } => per_window.push((*id, String::new(), false, false)),
+            ServerMessage::Token { text, .. } => per_window.last_mut().unwrap().1.push_str(text),
+            ServerMessage::WindowDone { .. } => per_window.last_mut().unwrap().2 = true,
+            ServerMessage::Error { code: protocol::ErrorCode::Model, fatal: false, message } => {
+                assert!(message.contains("stopped answering"), "{message}");
+                per_window.last_mut().unwrap().3 = true;
+            }
+            _ => {}
+        }
+    }
+    let seen: Vec<(&str, bool, bool)> = per_window.iter().map(|w| (w.1.as_str(), w.2, w.3)).collect();
+    assert_eq!(
+        seen,
+        [("all quiet ", true, false), ("half an ", false, true), ("quiet again ", true, false)],
+        "{events:?}"
+    );
+    assert_eq!(ended(&events).0, EndReason::EndOfStream, "the watch went on to the clip's end");
+    assert_eq!(watches.totals().refused.load(Ordering::Relaxed), 1);
+}

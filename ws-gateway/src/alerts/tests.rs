@@ -180,8 +180,13 @@ async fn two_of_three_positive_windows_open_an_incident_that_two_negatives_close
     assert_eq!(bodies[0]["window"]["text"], "a person ");
     assert_eq!(bodies[1]["window"]["text"], script[2]);
     assert_eq!(bodies[3]["incident"]["state"], "closed");
-    let rows = store.deliveries(None, 10).await.unwrap();
-    assert!(rows.iter().all(|d| d.state == "delivered" && d.attempts == 1), "{rows:?}");
+    // The receiver has them; their rows are marked a moment later.
+    let rows = wait_for("every delivery marked", async || {
+        let rows = store.deliveries(None, 10).await.unwrap();
+        rows.iter().all(|d| d.state == "delivered").then_some(rows)
+    })
+    .await;
+    assert!(rows.iter().all(|d| d.attempts == 1), "{rows:?}");
     monitors.shutdown().await;
 }
 

@@ -213,7 +213,7 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
     // The one-option choice fixes the model's answer: every window is positive. "yes" without
     // an end anchor matches as soon as it is streamed.
     let rule = json!({
-        "when": {"matches": "yes"}, "confirm": {"windows": 2, "of": 2}, "clear_after": 2,
+        "when": {"matches": "yes"}, "confirm": {"windows": 2, "of": 2}, "clear_after": 2, "cooldown_s": 3600,
         "notify": [{"webhook": {"url": hook, "secret": "hook-secret"}}],
     });
     let (s, v) = http("POST", url.clone(), Some(body(json!({"choice": ["yes"]}), rule))).await;
@@ -350,6 +350,20 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
         list.deliveries.iter().all(|d| d.state == protocol::DeliveryState::Delivered).then_some(())
     })
     .await;
+
+    // Positive windows again, within the cooldown: they are analysed, and no incident opens.
+    let (s, v) = http("PATCH", format!("{url}/{}", m.id), Some(json!({"answer": {"choice": ["yes"]}}))).await;
+    assert_eq!(s, 200, "{v}");
+    let mut positives = 0;
+    while positives < 3 {
+        match recv(&mut ws).await {
+            ServerMessage::WindowDone { text, .. } if text == "yes" => positives += 1,
+            ServerMessage::Alert { state, .. } => panic!("an alert ({state:?}) within the cooldown"),
+            _ => {}
+        }
+    }
+    let (_, v) = http("GET", format!("http://{base}/v1/incidents?monitor={}", m.id), None).await;
+    assert_eq!(serde_json::from_value::<IncidentList>(v).unwrap().incidents.len(), 1, "still one incident");
 
     // Deleting the monitor removes its Home Assistant entities (empty retained configs).
     assert_eq!(http("DELETE", format!("{url}/{}", m.id), None).await.0, 204);

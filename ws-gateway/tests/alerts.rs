@@ -111,21 +111,6 @@ fn last_json(seen: &Seen, topic: &str) -> Option<Value> {
     serde_json::from_slice(payload).ok()
 }
 
-async fn get_bytes(url: String) -> (u16, Vec<u8>) {
-    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
-        Ok(r) => {
-            let status = r.status();
-            let mut v = Vec::new();
-            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
-            (status, v)
-        }
-        Err(ureq::Error::Status(code, _)) => (code, Vec::new()),
-        Err(e) => panic!("{e}"),
-    })
-    .await
-    .unwrap()
-}
-
 /// ffprobe's codec, frame count and duration of an MP4.
 fn probe_mp4(bytes: &[u8]) -> (String, usize, f64) {
     let path = std::env::temp_dir().join(format!("lookout-clip-{}-{}.mp4", std::process::id(), rand_suffix()));
@@ -158,7 +143,7 @@ async fn clip_of(base: &str, incident: &str, codec: &str) -> (usize, f64) {
         i.clip.is_some().then_some(i)
     })
     .await;
-    let (status, mp4) = get_bytes(format!("http://{base}{}", i.clip.unwrap())).await;
+    let (status, mp4) = bytes(format!("http://{base}{}", i.clip.unwrap())).await;
     assert_eq!(status, 200);
     assert_eq!(&mp4[4..8], b"ftyp", "an MP4");
     let (c, frames, duration) = probe_mp4(&mp4);
@@ -301,17 +286,8 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
     assert_eq!(s, 200);
     let i: Incident = serde_json::from_value(v).unwrap();
     assert!(!i.frames.is_empty());
-    let frame = tokio::task::spawn_blocking({
-        let url = format!("http://{base}{}", i.frames[0]);
-        move || {
-            let r = ureq::get(&url).call().unwrap();
-            let mut v = Vec::new();
-            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
-            v
-        }
-    })
-    .await
-    .unwrap();
+    let (status, frame) = bytes(format!("http://{base}{}", i.frames[0])).await;
+    assert_eq!(status, 200);
     assert_eq!(&frame[..2], [0xff, 0xd8], "a JPEG key frame");
     assert_eq!(http("GET", format!("http://{base}/v1/incidents/nope"), None).await.0, 404);
     // The evidence clip: cut from the uploaded file (H.264, 25 fps) around the confirming windows

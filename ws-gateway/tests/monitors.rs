@@ -13,21 +13,6 @@ use serde_json::json;
 mod common;
 use common::*;
 
-async fn bytes(url: String) -> (u16, Vec<u8>) {
-    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
-        Ok(r) => {
-            let status = r.status();
-            let mut v = Vec::new();
-            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
-            (status, v)
-        }
-        Err(ureq::Error::Status(code, _)) => (code, Vec::new()),
-        Err(e) => panic!("{e}"),
-    })
-    .await
-    .unwrap()
-}
-
 fn monitor_body(name: &str, source: serde_json::Value, prompt: &str) -> serde_json::Value {
     json!({
         "name": name, "source": source, "prompt": prompt,

@@ -265,6 +265,10 @@ impl MonitorAlerts {
                 }
             }
             ServerMessage::Token { window, text } => {
+                // Without a rule there is nothing to decide until the window's whole text.
+                if self.rule.is_none() {
+                    return out;
+                }
                 let Some(c) = self.current.as_mut().filter(|c| c.window == *window) else { return out };
                 c.text.push_str(text);
                 if !c.decided

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use protocol::{AlertState, Retention, ServerMessage, Source, WindowSettings};
+use protocol::{AlertState, ServerMessage};
 use serde_json::{Value, json};
 
 use super::*;
@@ -74,25 +74,9 @@ impl Models for Ready {
 }
 
 fn monitor_row(id: &str, alert: Value) -> MonitorRow {
-    MonitorRow {
-        id: id.into(),
-        name: format!("{id} name"),
-        source: Source::Upload { id: "live:100000:10".into(), speed: Some(10.0), looped: None },
-        prompt: "Is there a person?".into(),
-        window: WindowSettings {
-            seconds: Some(1.0),
-            fps: Some(2.0),
-            min_pixels: Some(4096),
-            max_pixels: Some(4096),
-            ..Default::default()
-        },
-        generation: Default::default(),
-        enabled: true,
-        retention: Retention::default(),
-        alert: Some(serde_json::from_value(alert).unwrap()),
-        created_ms: 0,
-        updated_ms: 0,
-    }
+    let mut row = crate::monitors::tests::row(id, "live:100000:10");
+    row.alert = Some(serde_json::from_value(alert).unwrap());
+    row
 }
 
 async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {

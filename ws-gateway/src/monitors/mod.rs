@@ -16,7 +16,7 @@
 
 mod history;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -403,7 +403,7 @@ impl MonitorTask {
                     status: self.status.clone(),
                     file: match &row.source {
                         protocol::Source::Upload { id, looped, .. } => {
-                            crate::server::upload_file(self.monitors.0.store.data_dir(), id)
+                            crate::server::upload_path(self.monitors.0.store.data_dir(), id)
                                 .map(|path| FileClip { path, looped: looped.unwrap_or(false) })
                         }
                         _ => None,

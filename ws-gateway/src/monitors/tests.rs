@@ -37,7 +37,8 @@ async fn monitors() -> (Monitors, Arc<FakeAnalyzer>) {
     (Monitors::new(store, watches, Arc::new(Ready(analyzer.clone())), options, alerts), analyzer)
 }
 
-fn row(id: &str, source: &str) -> MonitorRow {
+/// A monitor of synthetic source `source` (see `watch::fake`) in 1 s windows at 2 fps.
+pub(crate) fn row(id: &str, source: &str) -> MonitorRow {
     MonitorRow {
         id: id.into(),
         name: id.into(),

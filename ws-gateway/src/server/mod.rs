@@ -111,10 +111,7 @@ impl Default for AlertConfig {
     }
 }
 
-/// Where an upload's file is (`None` for an id that cannot be one).
-pub(crate) fn upload_file(data_dir: &std::path::Path, id: &str) -> Option<PathBuf> {
-    uploads::upload_path(data_dir, id)
-}
+pub(crate) use uploads::upload_path;
 
 /// The media budget of the server: MiB permits.
 #[derive(Clone)]

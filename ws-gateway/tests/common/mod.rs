@@ -113,6 +113,22 @@ pub async fn http(method: &'static str, url: String, body: Option<serde_json::Va
     tokio::task::spawn_blocking(move || call(method, &url, body, None)).await.unwrap()
 }
 
+/// A GET: status and body bytes.
+pub async fn bytes(url: String) -> (u16, Vec<u8>) {
+    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Ok(r) => {
+            let status = r.status();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+            (status, v)
+        }
+        Err(ureq::Error::Status(code, _)) => (code, Vec::new()),
+        Err(e) => panic!("{e}"),
+    })
+    .await
+    .unwrap()
+}
+
 pub fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
 }

@@ -13,6 +13,9 @@ packages=(
   chromium
   # Alert tests: a real MQTT broker (started by the tests on a free port, not as a service).
   mosquitto
+  # Several-node tests: a real PostgreSQL server (started by the tests in a temporary directory
+  # on a free port, not as a service).
+  postgresql
 )
 
 missing=()

@@ -1,20 +1,28 @@
-//! The store: monitors and their history (events, thumbnails), behind one narrow interface.
+//! The store: monitors and their history (events, thumbnails), incidents and the notification
+//! outbox, behind one narrow interface, on SQLite (one node) or PostgreSQL (several nodes).
 //!
 //! One node keeps an embedded SQLite database, `lookout.db` under the data directory, in WAL
 //! mode with `synchronous = NORMAL`: a committed event survives a `kill -9` of the server (only a
 //! power loss can take the last transactions), and a crash never corrupts the file. The
 //! database is created on first start; versioned migrations (`migrations/sqlite/`, embedded in
-//! the binary) bring an older one up to date. Queries use `$N` parameters and portable SQL so
-//! that the same ones run on PostgreSQL; full-text search (SQLite FTS5) is the one
-//! dialect-specific query, kept in [`Store::events`].
+//! the binary) bring an older one up to date.
+//!
+//! Several nodes share one PostgreSQL database (`--database postgres://…`, migrations in
+//! `migrations/postgres/`), which also holds the nodes and the leases that decide which node runs
+//! each monitor ([`cluster`]). Queries use `$N` parameters and portable SQL, written once and run
+//! on either pool (`on_db!`); the dialect-specific ones are full-text search (FTS5 or a
+//! tsvector, in [`Store::events`]), the write-ahead-log checkpoint, the database's size, and what
+//! only several nodes need: leases, the lease check on every write (a node whose lease was taken
+//! over can store nothing more for that monitor: fencing), and claiming outbox rows.
 //!
 //! Thumbnails are JPEG files under `thumbnails/<monitor>/`, written (to a temporary name, then
 //! renamed) before their event row, and deleted with it: a crash between the two leaves at most
-//! an orphan file, which the next start removes.
+//! an orphan file, which the next start removes. With several nodes the data directory is one
+//! shared directory (uploads, thumbnails, incident frames and clips: media stays out of the
+//! database, as in an NVR, so that its backups and replication carry only the index).
 //!
 //! sqlx was chosen over rusqlite: it is async (no blocking calls on the runtime, no writer
-//! thread of our own), and the same API, pool and migrator serve SQLite now and PostgreSQL for
-//! several nodes.
+//! thread of our own), and the same API, pool and migrator serve SQLite and PostgreSQL.
 //!
 //! Every query is read to its end (`fetch_all`, never `fetch_one` or `fetch_optional`): those
 //! leave SQLite's cached statement un-reset, which keeps its transaction open until the
@@ -30,7 +38,10 @@ use futures_util::future::BoxFuture;
 use protocol::{AlertRule, GenerationSettings, Retention, Source, Timings, Usage, WindowSettings};
 use sqlx::Row;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +62,13 @@ pub enum StoreError {
     /// A stored value does not parse.
     #[error("a stored value is invalid: {0}")]
     Corrupt(String),
+    /// This node no longer holds the monitor's lease (another node runs it now): nothing of it
+    /// is stored from here.
+    #[error("this node no longer holds the lease of monitor {0:?}")]
+    Fenced(String),
+    /// What only several nodes (PostgreSQL) do was asked of a one-node store.
+    #[error("{0} needs --database postgres://…")]
+    NotClustered(&'static str),
 }
 
 /// A monitor as stored.
@@ -148,6 +166,13 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "alerts", include_str!("migrations/sqlite/0002_alerts.sql")),
 ];
 
+/// The same schema on PostgreSQL, and what only several nodes need.
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "monitors and history", include_str!("migrations/postgres/0001_monitors_and_history.sql")),
+    (2, "alerts", include_str!("migrations/postgres/0002_alerts.sql")),
+    (3, "nodes and leases", include_str!("migrations/postgres/0003_nodes_and_leases.sql")),
+];
+
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
 
@@ -167,11 +192,144 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The store of one node.
+/// The database: embedded, or shared by several nodes.
+#[derive(Debug, Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store has: the same query text and
+/// binds, each arm typed for its database.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Reading a column of either database's rows.
+trait Read {
+    fn text(&self, c: &str) -> Result<String, sqlx::Error>;
+    fn text_opt(&self, c: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, c: &str) -> Result<i64, sqlx::Error>;
+    fn int_opt(&self, c: &str) -> Result<Option<i64>, sqlx::Error>;
+    fn float(&self, c: &str) -> Result<f64, sqlx::Error>;
+    fn flag(&self, c: &str) -> Result<bool, sqlx::Error>;
+}
+
+macro_rules! impl_read {
+    ($row:ty) => {
+        impl Read for $row {
+            fn text(&self, c: &str) -> Result<String, sqlx::Error> {
+                self.try_get(c)
+            }
+            fn text_opt(&self, c: &str) -> Result<Option<String>, sqlx::Error> {
+                self.try_get(c)
+            }
+            fn int(&self, c: &str) -> Result<i64, sqlx::Error> {
+                self.try_get(c)
+            }
+            fn int_opt(&self, c: &str) -> Result<Option<i64>, sqlx::Error> {
+                self.try_get(c)
+            }
+            fn float(&self, c: &str) -> Result<f64, sqlx::Error> {
+                self.try_get(c)
+            }
+            fn flag(&self, c: &str) -> Result<bool, sqlx::Error> {
+                self.try_get(c)
+            }
+        }
+    };
+}
+impl_read!(SqliteRow);
+impl_read!(PgRow);
+
+/// A bind value of a query built at run time.
+#[derive(Debug, Clone)]
+enum Param {
+    Int(i64),
+    Text(String),
+}
+
+/// Binds `params` in order.
+fn bind_all<'q, DB: sqlx::Database>(
+    mut q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    params: &'q [Param],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for p in params {
+        q = match p {
+            Param::Int(i) => q.bind(*i),
+            Param::Text(t) => q.bind(t.as_str()),
+        };
+    }
+    q
+}
+
+/// The node this store writes for, when several share the database: its id, and the lease
+/// generation of each monitor it holds (every write of a monitor's events and incidents
+/// checks it).
+#[derive(Debug, Default)]
+pub(crate) struct Fences {
+    node: String,
+    held: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+impl Fences {
+    fn generation(&self, monitor: &str) -> Option<i64> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).get(monitor).copied()
+    }
+
+    /// The node's id.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Records a lease taken or renewed.
+    pub(crate) fn hold(&self, monitor: &str, generation: i64) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(monitor.to_owned(), generation);
+    }
+
+    /// Forgets a lease given up or lost: nothing more of that monitor is stored from here.
+    pub(crate) fn drop_lease(&self, monitor: &str) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(monitor);
+    }
+
+    /// Forgets every lease.
+    pub(crate) fn drop_all(&self) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Holds exactly these leases.
+    pub(crate) fn replace(&self, leases: &[cluster::Lease]) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) =
+            leases.iter().map(|l| (l.monitor.clone(), l.generation)).collect();
+    }
+}
+
+/// The store of a node.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    db: Db,
     dir: PathBuf,
+    /// Set when several nodes share a PostgreSQL database.
+    fences: Option<std::sync::Arc<Fences>>,
+}
+
+/// The lease check appended to a fenced write's `WHERE` (parameters `$monitor`, `$node`,
+/// `$generation` by number). It share-locks the lease row, so a takeover (which updates the
+/// row) waits for the write's transaction to end: no write of the old holder lands after it.
+fn lease_check(monitor: usize, node: usize, generation: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM leases WHERE monitor_id = ${monitor} AND node_id = ${node} AND generation = \
+         ${generation} AND expires_ms > lookout_now_ms() FOR SHARE)"
+    )
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -195,10 +353,9 @@ const EVENT_COLUMNS: &str = "id, monitor_id, window_id, start_s, end_s, started_
      prompt_tokens, completion_tokens, timings, thumbnail";
 
 impl Store {
-    /// Opens (creating and migrating when needed) the store under `data_dir`.
+    /// Opens (creating and migrating when needed) the one-node store under `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        let thumbnails = data_dir.join("thumbnails");
-        tokio::fs::create_dir_all(&thumbnails).await?;
+        tokio::fs::create_dir_all(data_dir.join("thumbnails")).await?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(data_dir.join("lookout.db"))
             .create_if_missing(true)
@@ -211,12 +368,58 @@ impl Store {
             .pragma("journal_size_limit", "67108864");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         Migrator::new(Embedded(SQLITE_MIGRATIONS)).await?.run(&pool).await?;
-        let store = Store { pool, dir: data_dir.to_owned() };
-        let orphans = store.remove_orphan_thumbnails().await?;
+        let store = Store { db: Db::Sqlite(pool), dir: data_dir.to_owned(), fences: None };
+        store.sweep_orphans(Duration::ZERO).await?;
+        Ok(store)
+    }
+
+    /// Opens (migrating when needed) a PostgreSQL database that several nodes share, as node
+    /// `node`; `data_dir` is the directory every node shares for media.
+    pub async fn open_postgres(url: &str, data_dir: &Path, node: &str) -> Result<Store, StoreError> {
+        tokio::fs::create_dir_all(data_dir.join("thumbnails")).await?;
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        // The migrator holds an advisory lock, so nodes starting together migrate once.
+        Migrator::new(Embedded(POSTGRES_MIGRATIONS)).await?.run(&pool).await?;
+        let fences = std::sync::Arc::new(Fences { node: node.to_owned(), ..Default::default() });
+        let store = Store { db: Db::Postgres(pool), dir: data_dir.to_owned(), fences: Some(fences) };
+        // Another node may be between writing a thumbnail and its row: only old orphans go.
+        store.sweep_orphans(Duration::from_secs(600)).await?;
+        Ok(store)
+    }
+
+    async fn sweep_orphans(&self, older_than: Duration) -> Result<(), StoreError> {
+        let orphans = self.remove_orphan_thumbnails(older_than).await?;
         if orphans > 0 {
             tracing::info!(orphans, "removed thumbnails whose events were never stored");
         }
-        Ok(store)
+        Ok(())
+    }
+
+    /// The leases this node holds, when several nodes share the database.
+    pub(crate) fn fences(&self) -> Option<&std::sync::Arc<Fences>> {
+        self.fences.as_ref()
+    }
+
+    /// Whether several nodes share this store.
+    pub fn is_shared(&self) -> bool {
+        self.fences.is_some()
+    }
+
+    /// The lease generation this node must hold to write for `monitor`: `None` on one node;
+    /// an error when several share the database and this node holds no lease of it.
+    fn fence(&self, monitor: &str) -> Result<Option<(&str, i64)>, StoreError> {
+        match &self.fences {
+            None => Ok(None),
+            Some(f) => match f.generation(monitor) {
+                Some(g) => Ok(Some((f.node(), g))),
+                None => Err(StoreError::Fenced(monitor.to_owned())),
+            },
+        }
     }
 
     /// The data directory.
@@ -230,23 +433,23 @@ impl Store {
 
     /// Stores a new monitor.
     pub async fn create_monitor(&self, m: &MonitorRow) -> Result<(), StoreError> {
-        let r = sqlx::query(
-            "INSERT INTO monitors (id, name, source, prompt, window, generation, enabled, retention, created_ms, updated_ms, \
-             alert) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(&m.id)
-        .bind(&m.name)
-        .bind(json(&m.source))
-        .bind(&m.prompt)
-        .bind(json(&m.window))
-        .bind(json(&m.generation))
-        .bind(m.enabled)
-        .bind(json(&m.retention))
-        .bind(m.created_ms)
-        .bind(m.updated_ms)
-        .bind(m.alert.as_ref().map(json))
-        .execute(&self.pool)
-        .await;
+        let sql = "INSERT INTO monitors (id, name, source, prompt, \"window\", generation, enabled, retention, created_ms, \
+                   updated_ms, alert) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+        let r = on_db!(&self.db, pool => sqlx::query(sql)
+            .bind(&m.id)
+            .bind(&m.name)
+            .bind(json(&m.source))
+            .bind(&m.prompt)
+            .bind(json(&m.window))
+            .bind(json(&m.generation))
+            .bind(m.enabled)
+            .bind(json(&m.retention))
+            .bind(m.created_ms)
+            .bind(m.updated_ms)
+            .bind(m.alert.as_ref().map(json))
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()));
         Self::name_taken(r, &m.name).map(drop)
     }
 
@@ -259,35 +462,37 @@ impl Store {
 
     /// Replaces a monitor's settings; false if there is no such monitor.
     pub async fn update_monitor(&self, m: &MonitorRow) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE monitors SET name = $2, source = $3, prompt = $4, window = $5, generation = $6, enabled = $7, \
-             retention = $8, updated_ms = $9, alert = $10 WHERE id = $1",
-        )
-        .bind(&m.id)
-        .bind(&m.name)
-        .bind(json(&m.source))
-        .bind(&m.prompt)
-        .bind(json(&m.window))
-        .bind(json(&m.generation))
-        .bind(m.enabled)
-        .bind(json(&m.retention))
-        .bind(m.updated_ms)
-        .bind(m.alert.as_ref().map(json))
-        .execute(&self.pool)
-        .await;
-        Ok(Self::name_taken(r, &m.name)?.rows_affected() == 1)
+        let sql = "UPDATE monitors SET name = $2, source = $3, prompt = $4, \"window\" = $5, generation = $6, \
+                   enabled = $7, retention = $8, updated_ms = $9, alert = $10 WHERE id = $1";
+        let r = on_db!(&self.db, pool => sqlx::query(sql)
+            .bind(&m.id)
+            .bind(&m.name)
+            .bind(json(&m.source))
+            .bind(&m.prompt)
+            .bind(json(&m.window))
+            .bind(json(&m.generation))
+            .bind(m.enabled)
+            .bind(json(&m.retention))
+            .bind(m.updated_ms)
+            .bind(m.alert.as_ref().map(json))
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()));
+        Ok(Self::name_taken(r, &m.name)? == 1)
     }
 
     /// Deletes a monitor, its events and their thumbnails; false if there is no such monitor.
     pub async fn delete_monitor(&self, id: &str) -> Result<bool, StoreError> {
-        let files: Vec<String> =
-            sqlx::query_scalar("SELECT thumbnail FROM events WHERE monitor_id = $1 AND thumbnail IS NOT NULL")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
-        let incidents: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM incidents WHERE monitor_id = $1").bind(id).fetch_all(&self.pool).await?;
-        let deleted = sqlx::query("DELETE FROM monitors WHERE id = $1").bind(id).execute(&self.pool).await?;
+        let files = self.thumbnails_of(id).await?;
+        let incidents: Vec<String> = on_db!(&self.db, pool => sqlx::query_scalar("SELECT id FROM incidents WHERE monitor_id = $1")
+            .bind(id)
+            .fetch_all(pool)
+            .await?);
+        let deleted = on_db!(&self.db, pool => sqlx::query("DELETE FROM monitors WHERE id = $1")
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected());
         for f in files {
             self.remove_file(&f).await;
         }
@@ -295,7 +500,13 @@ impl Store {
             let _ = tokio::fs::remove_dir_all(self.incident_file(&i)).await;
         }
         let _ = tokio::fs::remove_dir(self.dir.join("thumbnails").join(id)).await;
-        Ok(deleted.rows_affected() == 1)
+        Ok(deleted == 1)
+    }
+
+    /// The thumbnail files of a monitor's events.
+    async fn thumbnails_of(&self, monitor: &str) -> Result<Vec<String>, StoreError> {
+        let sql = "SELECT thumbnail FROM events WHERE monitor_id = $1 AND thumbnail IS NOT NULL";
+        Ok(on_db!(&self.db, pool => sqlx::query_scalar(sql).bind(monitor).fetch_all(pool).await?))
     }
 
     async fn remove_file(&self, name: &str) {
@@ -306,32 +517,32 @@ impl Store {
         }
     }
 
-    fn monitor_row(r: &sqlx::sqlite::SqliteRow) -> Result<MonitorRow, StoreError> {
+    fn monitor_row(r: &impl Read) -> Result<MonitorRow, StoreError> {
         Ok(MonitorRow {
-            id: r.try_get("id")?,
-            name: r.try_get("name")?,
-            source: parse(&r.try_get::<String, _>("source")?, "source")?,
-            prompt: r.try_get("prompt")?,
-            window: parse(&r.try_get::<String, _>("window")?, "window")?,
-            generation: parse(&r.try_get::<String, _>("generation")?, "generation")?,
-            enabled: r.try_get("enabled")?,
-            retention: parse(&r.try_get::<String, _>("retention")?, "retention")?,
-            alert: r.try_get::<Option<String>, _>("alert")?.map(|a| parse(&a, "alert")).transpose()?,
-            created_ms: r.try_get("created_ms")?,
-            updated_ms: r.try_get("updated_ms")?,
+            id: r.text("id")?,
+            name: r.text("name")?,
+            source: parse(&r.text("source")?, "source")?,
+            prompt: r.text("prompt")?,
+            window: parse(&r.text("window")?, "window")?,
+            generation: parse(&r.text("generation")?, "generation")?,
+            enabled: r.flag("enabled")?,
+            retention: parse(&r.text("retention")?, "retention")?,
+            alert: r.text_opt("alert")?.map(|a| parse(&a, "alert")).transpose()?,
+            created_ms: r.int("created_ms")?,
+            updated_ms: r.int("updated_ms")?,
         })
     }
 
     /// Every monitor, oldest first.
     pub async fn monitors(&self) -> Result<Vec<MonitorRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM monitors ORDER BY created_ms, id").fetch_all(&self.pool).await?;
-        rows.iter().map(Self::monitor_row).collect()
+        let sql = "SELECT * FROM monitors ORDER BY created_ms, id";
+        on_db!(&self.db, pool => sqlx::query(sql).fetch_all(pool).await?.iter().map(Self::monitor_row).collect())
     }
 
     /// One monitor.
     pub async fn monitor(&self, id: &str) -> Result<Option<MonitorRow>, StoreError> {
-        let row = sqlx::query("SELECT * FROM monitors WHERE id = $1").bind(id).fetch_all(&self.pool).await?.pop();
-        row.as_ref().map(Self::monitor_row).transpose()
+        let sql = "SELECT * FROM monitors WHERE id = $1";
+        on_db!(&self.db, pool => sqlx::query(sql).bind(id).fetch_all(pool).await?.first().map(Self::monitor_row).transpose())
     }
 
     /// Stores an event, and its thumbnail first when there is one. Returns its id.
@@ -347,102 +558,136 @@ impl Store {
             file = Some((name, jpeg.len() as i64));
         }
         // `fetch_all`, not `fetch_one`: the statement runs to its end, so that SQLite commits
-        // (and checkpoints) now rather than when the cached statement is next reset.
-        let ids: Vec<i64> = sqlx::query_scalar(
+        // (and checkpoints) now rather than when the cached statement is next reset. With
+        // several nodes the row goes in only while this node holds the monitor's lease.
+        let (fence, node, generation) = match self.fence(&e.monitor) {
+            Ok(Some((node, g))) => (format!(" WHERE {}", lease_check(1, 14, 15)), node.to_owned(), g),
+            Ok(None) => (String::new(), String::new(), 0),
+            Err(err) => {
+                self.remove_unstored(file.as_ref());
+                return Err(err);
+            }
+        };
+        let sql = format!(
             "INSERT INTO events (monitor_id, window_id, start_s, end_s, started_ms, prompt, text, finish_reason, \
              prompt_tokens, completion_tokens, timings, thumbnail, thumbnail_bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
-        )
-        .bind(&e.monitor)
-        .bind(e.window as i64)
-        .bind(e.start_s)
-        .bind(e.end_s)
-        .bind(e.started_ms)
-        .bind(&e.prompt)
-        .bind(&e.text)
-        .bind(&e.finish_reason)
-        .bind(e.usage.prompt_tokens as i64)
-        .bind(e.usage.completion_tokens as i64)
-        .bind(json(&e.timings))
-        .bind(file.as_ref().map(|f| f.0.clone()))
-        .bind(file.as_ref().map_or(0, |f| f.1))
-        .fetch_all(&self.pool)
-        .await
-        .inspect_err(|_| {
-            if let Some((name, _)) = &file {
-                let _ = std::fs::remove_file(self.thumbnail_path(name));
-            }
-        })?;
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13{fence} RETURNING id"
+        );
+        let ids: Result<Vec<i64>, sqlx::Error> = on_db!(&self.db, pool => {
+            let q = sqlx::query_scalar(&sql)
+                .bind(&e.monitor)
+                .bind(e.window as i64)
+                .bind(e.start_s)
+                .bind(e.end_s)
+                .bind(e.started_ms)
+                .bind(&e.prompt)
+                .bind(&e.text)
+                .bind(&e.finish_reason)
+                .bind(e.usage.prompt_tokens as i64)
+                .bind(e.usage.completion_tokens as i64)
+                .bind(json(&e.timings))
+                .bind(file.as_ref().map(|f| f.0.clone()))
+                .bind(file.as_ref().map_or(0, |f| f.1));
+            let q = if fence.is_empty() { q } else { q.bind(&node).bind(generation) };
+            q.fetch_all(pool).await
+        });
+        let ids = ids.inspect_err(|_| self.remove_unstored(file.as_ref()))?;
+        if ids.is_empty() && !fence.is_empty() {
+            self.remove_unstored(file.as_ref());
+            return Err(StoreError::Fenced(e.monitor.clone()));
+        }
         ids.first().copied().ok_or(StoreError::Corrupt("an insert returned no id".into()))
     }
 
-    fn event_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, StoreError> {
-        let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
-        let completion_tokens: i64 = r.try_get("completion_tokens")?;
+    /// Removes the thumbnail of an event that was not stored.
+    fn remove_unstored(&self, file: Option<&(String, i64)>) {
+        if let Some((name, _)) = file {
+            let _ = std::fs::remove_file(self.thumbnail_path(name));
+        }
+    }
+
+    fn event_row(r: &impl Read) -> Result<EventRow, StoreError> {
+        let prompt_tokens = r.int("prompt_tokens")?;
+        let completion_tokens = r.int("completion_tokens")?;
         Ok(EventRow {
-            id: r.try_get("id")?,
+            id: r.int("id")?,
             event: NewEvent {
-                monitor: r.try_get("monitor_id")?,
-                window: r.try_get::<i64, _>("window_id")? as u64,
-                start_s: r.try_get("start_s")?,
-                end_s: r.try_get("end_s")?,
-                started_ms: r.try_get("started_ms")?,
-                prompt: r.try_get("prompt")?,
-                text: r.try_get("text")?,
-                finish_reason: r.try_get("finish_reason")?,
+                monitor: r.text("monitor_id")?,
+                window: r.int("window_id")? as u64,
+                start_s: r.float("start_s")?,
+                end_s: r.float("end_s")?,
+                started_ms: r.int("started_ms")?,
+                prompt: r.text("prompt")?,
+                text: r.text("text")?,
+                finish_reason: r.text("finish_reason")?,
                 usage: Usage {
                     prompt_tokens: prompt_tokens as usize,
                     completion_tokens: completion_tokens as usize,
                     total_tokens: (prompt_tokens + completion_tokens) as usize,
                 },
-                timings: parse(&r.try_get::<String, _>("timings")?, "timings")?,
+                timings: parse(&r.text("timings")?, "timings")?,
             },
-            thumbnail: r.try_get("thumbnail")?,
+            thumbnail: r.text_opt("thumbnail")?,
         })
     }
 
     /// A page of a monitor's history, newest first.
     ///
     /// Only the filters given become conditions: a `($n IS NULL OR ...)` form would keep SQLite
-    /// from using the time index. A text search drives the query from the full-text index (the
-    /// rare word is found first, then its events), which is the one dialect-specific part: FTS5's
-    /// MATCH here, a tsvector in PostgreSQL.
+    /// from using the time index. A text search is the one dialect-specific part: on SQLite it
+    /// drives the query from the FTS5 index (the rare word is found first, then its events); on
+    /// PostgreSQL a GIN index of a tsvector of the text (`simple` configuration: words as
+    /// written, lower-cased, no stemming, like FTS5's default tokenizer).
     pub async fn events(&self, q: &EventQuery) -> Result<Vec<EventRow>, StoreError> {
         let columns = EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
-        let mut sql = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("SELECT {columns} FROM "));
+        let mut params = Vec::new();
+        let mut arg = |p: Param| {
+            params.push(p);
+            format!("${}", params.len())
+        };
         let search = q.text.as_deref().and_then(fts_query);
         // Ordered by the index that drives the query, so that the planner walks it.
-        let order = if search.is_some() { "f.rowid" } else { "e.id" };
-        match search {
-            Some(search) => {
-                sql.push("events_fts f JOIN events e ON e.id = f.rowid WHERE events_fts MATCH ");
-                sql.push_bind(search);
-                sql.push(" AND e.monitor_id = ");
+        let (from, order) = match (&self.db, search) {
+            (Db::Sqlite(_), Some(search)) => (
+                format!(
+                    "events_fts f JOIN events e ON e.id = f.rowid WHERE events_fts MATCH {} AND",
+                    arg(Param::Text(search))
+                ),
+                "f.rowid",
+            ),
+            (Db::Postgres(_), Some(search)) => {
+                // The quoted words, unquoted again: plainto_tsquery takes any text and ANDs its words.
+                let words = search.replace('"', "");
+                (
+                    format!("events e WHERE e.search @@ plainto_tsquery('simple', {}) AND", arg(Param::Text(words))),
+                    "e.id",
+                )
             }
-            None => {
-                sql.push("events e WHERE e.monitor_id = ");
-            }
-        }
-        sql.push_bind(&q.monitor);
+            (_, None) => ("events e WHERE".to_owned(), "e.id"),
+        };
+        let mut sql = format!("SELECT {columns} FROM {from} e.monitor_id = {}", arg(Param::Text(q.monitor.clone())));
         if let Some(since) = q.since_ms {
-            sql.push(" AND e.started_ms >= ").push_bind(since);
+            sql += &format!(" AND e.started_ms >= {}", arg(Param::Int(since)));
         }
         if let Some(until) = q.until_ms {
-            sql.push(" AND e.started_ms < ").push_bind(until);
+            sql += &format!(" AND e.started_ms < {}", arg(Param::Int(until)));
         }
         if let Some(before) = q.before_id {
-            sql.push(format!(" AND {order} < ")).push_bind(before);
+            sql += &format!(" AND {order} < {}", arg(Param::Int(before)));
         }
-        sql.push(format!(" ORDER BY {order} DESC LIMIT ")).push_bind(i64::from(q.limit));
-        let rows = sql.build().fetch_all(&self.pool).await?;
-        rows.iter().map(Self::event_row).collect()
+        sql += &format!(" ORDER BY {order} DESC LIMIT {}", arg(Param::Int(i64::from(q.limit))));
+        on_db!(&self.db, pool => bind_all(sqlx::query(&sql), &params)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(Self::event_row)
+            .collect())
     }
 
     /// One event.
     pub async fn event(&self, id: i64) -> Result<Option<EventRow>, StoreError> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_all(&self.pool).await?.pop();
-        row.as_ref().map(Self::event_row).transpose()
+        on_db!(&self.db, pool => sqlx::query(&sql).bind(id).fetch_all(pool).await?.first().map(Self::event_row).transpose())
     }
 
     /// Where an event's thumbnail file is.
@@ -452,11 +697,9 @@ impl Store {
 
     /// How many events a monitor has.
     pub async fn count_events(&self, monitor: &str) -> Result<u64, StoreError> {
-        let n: Option<i64> = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE monitor_id = $1")
-            .bind(monitor)
-            .fetch_all(&self.pool)
-            .await?
-            .pop();
+        let sql = "SELECT COUNT(*) FROM events WHERE monitor_id = $1";
+        let n: Option<i64> =
+            on_db!(&self.db, pool => sqlx::query_scalar(sql).bind(monitor).fetch_all(pool).await?.pop());
         Ok(n.unwrap_or(0) as u64)
     }
 
@@ -471,12 +714,8 @@ impl Store {
         // The newest event that may be dropped for the count limit (all older ones go too).
         let cut_id: Option<i64> = match keep {
             Some(k) => {
-                sqlx::query_scalar("SELECT id FROM events WHERE monitor_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2")
-                    .bind(monitor)
-                    .bind(k as i64)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .pop()
+                let sql = "SELECT id FROM events WHERE monitor_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2";
+                on_db!(&self.db, pool => sqlx::query_scalar(sql).bind(monitor).bind(k as i64).fetch_all(pool).await?.pop())
             }
             None => None,
         };
@@ -484,52 +723,59 @@ impl Store {
             return Ok(Pruned::default());
         }
         let condition = "monitor_id = $1 AND (($2 IS NOT NULL AND started_ms < $2) OR ($3 IS NOT NULL AND id <= $3))";
-        let files: Vec<Option<String>> = sqlx::query_scalar(&format!("SELECT thumbnail FROM events WHERE {condition}"))
-            .bind(monitor)
-            .bind(older_than_ms)
-            .bind(cut_id)
-            .fetch_all(&self.pool)
-            .await?;
-        let deleted = sqlx::query(&format!("DELETE FROM events WHERE {condition}"))
-            .bind(monitor)
-            .bind(older_than_ms)
-            .bind(cut_id)
-            .execute(&self.pool)
-            .await?;
+        let select = format!("SELECT thumbnail FROM events WHERE {condition}");
+        let delete = format!("DELETE FROM events WHERE {condition}");
+        let (files, deleted): (Vec<Option<String>>, u64) = on_db!(&self.db, pool => {
+            let files = sqlx::query_scalar(&select).bind(monitor).bind(older_than_ms).bind(cut_id).fetch_all(pool).await?;
+            let deleted =
+                sqlx::query(&delete).bind(monitor).bind(older_than_ms).bind(cut_id).execute(pool).await?.rows_affected();
+            (files, deleted)
+        });
         let mut thumbnails = 0;
         for f in files.into_iter().flatten() {
             self.remove_file(&f).await;
             thumbnails += 1;
         }
-        Ok(Pruned { events: deleted.rows_affected(), thumbnails })
+        Ok(Pruned { events: deleted, thumbnails })
     }
 
     /// Copies the write-ahead log into the database and truncates it (SQLite's own automatic
     /// checkpoints never shrink the file, and a reader at the wrong moment starves them). Returns
     /// whether a reader kept it from completing.
+    /// PostgreSQL keeps its own log: nothing to do there.
     pub async fn checkpoint(&self) -> Result<bool, StoreError> {
-        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_all(&self.pool).await?;
+        let Db::Sqlite(pool) = &self.db else { return Ok(false) };
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_all(pool).await?;
         let row = row.first().ok_or_else(|| StoreError::Corrupt("a checkpoint returned nothing".into()))?;
         let busy: i64 = row.try_get(0)?;
         Ok(busy != 0)
     }
 
-    /// Bytes the history takes on disk: the database (with its write-ahead log) and thumbnails.
+    /// Bytes the history takes on disk: the database (with its write-ahead log, or PostgreSQL's
+    /// database size) and thumbnails.
     pub async fn disk_bytes(&self) -> Result<u64, StoreError> {
-        let thumbs: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(thumbnail_bytes), 0) FROM events")
-            .fetch_all(&self.pool)
-            .await?
-            .pop()
-            .unwrap_or(0);
-        let mut db = 0;
-        for f in ["lookout.db", "lookout.db-wal"] {
-            db += tokio::fs::metadata(self.dir.join(f)).await.map_or(0, |m| m.len());
-        }
+        let sql = "SELECT CAST(COALESCE(SUM(thumbnail_bytes), 0) AS BIGINT) FROM events";
+        let thumbs: i64 = on_db!(&self.db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?.pop().unwrap_or(0));
+        let db = match &self.db {
+            Db::Sqlite(_) => {
+                let mut db = 0;
+                for f in ["lookout.db", "lookout.db-wal"] {
+                    db += tokio::fs::metadata(self.dir.join(f)).await.map_or(0, |m| m.len());
+                }
+                db
+            }
+            Db::Postgres(pool) => {
+                let sql = "SELECT pg_database_size(current_database())";
+                let n: Option<i64> = sqlx::query_scalar(sql).fetch_all(pool).await?.pop();
+                n.unwrap_or(0) as u64
+            }
+        };
         Ok(db + thumbs as u64)
     }
 
-    /// Removes thumbnail files no event refers to (a crash between the file and its row).
-    async fn remove_orphan_thumbnails(&self) -> Result<u64, StoreError> {
+    /// Removes thumbnail files no event refers to (a crash between the file and its row), of
+    /// those last changed at least `older_than` ago.
+    async fn remove_orphan_thumbnails(&self, older_than: Duration) -> Result<u64, StoreError> {
         let root = self.dir.join("thumbnails");
         let mut removed = 0;
         let Ok(mut monitors) = tokio::fs::read_dir(&root).await else { return Ok(0) };
@@ -538,17 +784,12 @@ impl Store {
                 continue;
             }
             let monitor = m.file_name().to_string_lossy().into_owned();
-            let known: std::collections::HashSet<String> =
-                sqlx::query_scalar("SELECT thumbnail FROM events WHERE monitor_id = $1 AND thumbnail IS NOT NULL")
-                    .bind(&monitor)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .into_iter()
-                    .collect();
+            let known: std::collections::HashSet<String> = self.thumbnails_of(&monitor).await?.into_iter().collect();
             let mut files = tokio::fs::read_dir(m.path()).await?;
             while let Some(f) = files.next_entry().await? {
                 let name = format!("{monitor}/{}", f.file_name().to_string_lossy());
-                if !known.contains(&name) {
+                let age = f.metadata().await.ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                if !known.contains(&name) && age.is_none_or(|a| a >= older_than) {
                     let _ = tokio::fs::remove_file(f.path()).await;
                     removed += 1;
                 }
@@ -564,7 +805,9 @@ impl Store {
 }
 
 mod alerts;
+mod cluster;
 #[cfg(test)]
 mod tests;
 
 pub use alerts::{Attempt, DeliveryRow, IncidentQuery, IncidentRow, IncidentWindowRow, NewDelivery};
+pub use cluster::{Lease, NodeRow};

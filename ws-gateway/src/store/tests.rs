@@ -1,8 +1,72 @@
-//! The store on a real SQLite file in a temporary directory.
+//! The store on a real SQLite file in a temporary directory, and the same tests on a real
+//! PostgreSQL server (with the leases only several nodes have).
 
 use protocol::{GenerationSettings, Retention, Source, Timings, Usage, WindowSettings};
 
 use super::*;
+
+#[path = "../../tests/common/postgres.rs"]
+mod postgres;
+
+/// Where a test's store lives: a directory, and a PostgreSQL database when given.
+struct Place {
+    dir: PathBuf,
+    url: Option<String>,
+}
+
+impl Place {
+    fn sqlite() -> Place {
+        Place { dir: dir(), url: None }
+    }
+
+    fn postgres() -> Place {
+        Place { dir: dir(), url: Some(postgres::shared().database()) }
+    }
+
+    /// Opens the store (as node `test` on PostgreSQL).
+    async fn open(&self) -> Store {
+        self.open_as("test").await
+    }
+
+    async fn open_as(&self, node: &str) -> Store {
+        match &self.url {
+            None => Store::open(&self.dir).await.unwrap(),
+            Some(url) => {
+                let s = Store::open_postgres(url, &self.dir, node).await.unwrap();
+                s.heartbeat("http://127.0.0.1:1", 100).await.unwrap();
+                s
+            }
+        }
+    }
+}
+
+/// Takes the lease of every enabled monitor when several nodes could share the store (writes
+/// need one there).
+async fn lease_all(s: &Store) {
+    if s.is_shared() {
+        s.claim(100, 60_000).await.unwrap();
+    }
+}
+
+/// A test on SQLite and on PostgreSQL.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Place::sqlite()).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Place::postgres()).await
+            }
+        }
+    };
+}
+
+on_both!(monitors_round_trip_and_names_are_unique);
+on_both!(history_pages_newest_first_filters_by_time_and_searches_words);
+on_both!(retention_prunes_by_age_and_count_with_the_thumbnails);
 
 fn dir() -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -48,10 +112,8 @@ fn q(monitor: &str) -> EventQuery {
     EventQuery { monitor: monitor.into(), limit: 100, ..Default::default() }
 }
 
-#[tokio::test]
-async fn monitors_round_trip_and_names_are_unique() {
-    let d = dir();
-    let s = Store::open(&d).await.unwrap();
+async fn monitors_round_trip_and_names_are_unique(p: Place) {
+    let s = p.open().await;
     let a = monitor("m1", "front door");
     s.create_monitor(&a).await.unwrap();
     assert!(
@@ -68,19 +130,18 @@ async fn monitors_round_trip_and_names_are_unique() {
     assert!(!s.update_monitor(&monitor("nope", "x")).await.unwrap());
     drop(s);
     // Reopened (the migration is not applied twice): everything is still there.
-    let s = Store::open(&d).await.unwrap();
+    let s = p.open().await;
     let all = s.monitors().await.unwrap();
     assert_eq!(all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
     assert_eq!(all[0].prompt, "Count the cars.");
     assert!(!all[0].enabled);
 }
 
-#[tokio::test]
-async fn history_pages_newest_first_filters_by_time_and_searches_words() {
-    let d = dir();
-    let s = Store::open(&d).await.unwrap();
+async fn history_pages_newest_first_filters_by_time_and_searches_words(p: Place) {
+    let s = p.open().await;
     s.create_monitor(&monitor("m1", "door")).await.unwrap();
     s.create_monitor(&monitor("m2", "yard")).await.unwrap();
+    lease_all(&s).await;
     let texts =
         ["a red car stops", "nobody is there", "a person in a red coat", "the car leaves", "\"quoted\" OR NEAR("];
     for (i, t) in texts.iter().enumerate() {
@@ -112,16 +173,15 @@ async fn history_pages_newest_first_filters_by_time_and_searches_words() {
     assert_eq!(s.count_events("m2").await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn retention_prunes_by_age_and_count_with_the_thumbnails() {
-    let d = dir();
-    let s = Store::open(&d).await.unwrap();
+async fn retention_prunes_by_age_and_count_with_the_thumbnails(p: Place) {
+    let (s, d) = (p.open().await, &p.dir);
     s.create_monitor(&monitor("m1", "door")).await.unwrap();
+    lease_all(&s).await;
     for i in 0..10 {
         s.insert_event(&event("m1", i, 1_000 * i as i64, "x"), Some(&[0xff, 0xd8, i as u8])).await.unwrap();
     }
     let files = |d: &Path| std::fs::read_dir(d.join("thumbnails/m1")).map_or(0, |r| r.count());
-    assert_eq!(files(&d), 10);
+    assert_eq!(files(d), 10);
     let bytes = s.disk_bytes().await.unwrap();
     assert!(bytes > 30, "{bytes}");
     // Older than 3 s: windows 0, 1, 2 go.
@@ -132,12 +192,12 @@ async fn retention_prunes_by_age_and_count_with_the_thumbnails() {
     assert_eq!(p, Pruned { events: 3, thumbnails: 3 });
     let left = s.events(&q("m1")).await.unwrap();
     assert_eq!(left.iter().map(|e| e.event.window).collect::<Vec<_>>(), [9, 8, 7, 6]);
-    assert_eq!(files(&d), 4);
+    assert_eq!(files(d), 4);
     assert_eq!(s.prune("m1", None, Some(10)).await.unwrap(), Pruned::default());
     // Deleting the monitor takes its history and files.
     assert!(s.delete_monitor("m1").await.unwrap());
     assert!(s.events(&q("m1")).await.unwrap().is_empty());
-    assert_eq!(files(&d), 0);
+    assert_eq!(files(d), 0);
     assert!(!s.delete_monitor("m1").await.unwrap());
 }
 
@@ -196,4 +256,109 @@ async fn an_insert_is_committed_at_once_and_automatic_checkpoints_bound_the_log(
     let db = std::fs::metadata(d.join("lookout.db")).unwrap().len();
     assert!(wal < 8 << 20, "the log grew to {wal} bytes");
     assert!(db > 500_000, "checkpoints moved the rows into the database ({db} bytes)");
+}
+
+#[tokio::test]
+async fn a_node_writes_only_while_it_holds_the_lease_and_claims_never_overlap() {
+    let p = Place::postgres();
+    let a = p.open_as("a").await;
+    let b = p.open_as("b").await;
+    for i in 0..6 {
+        a.create_monitor(&monitor(&format!("m{i}"), &format!("camera {i}"))).await.unwrap();
+    }
+    // Without a lease nothing is stored.
+    assert!(
+        matches!(a.insert_event(&event("m0", 0, 0, "x"), Some(b"jpeg")).await, Err(StoreError::Fenced(m)) if m == "m0")
+    );
+    assert_eq!(a.count_events("m0").await.unwrap(), 0);
+    assert!(std::fs::read_dir(p.dir.join("thumbnails/m0")).map_or(0, |r| r.count()) == 0, "the thumbnail went too");
+    // Two nodes claiming at once take different monitors, and all of them between them.
+    let (ga, gb) = tokio::join!(a.claim(3, 60_000), b.claim(3, 60_000));
+    let (ga, gb) = (ga.unwrap(), gb.unwrap());
+    let mut all: Vec<&str> = ga.iter().chain(&gb).map(|l| l.monitor.as_str()).collect();
+    all.sort();
+    assert_eq!(all, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    assert!(b.claim(10, 60_000).await.unwrap().is_empty(), "live leases are never taken");
+    let mine = &ga[0].monitor;
+    a.insert_event(&event(mine, 0, 0, "kept"), None).await.unwrap();
+    assert!(matches!(b.insert_event(&event(mine, 1, 1, "not mine"), None).await, Err(StoreError::Fenced(_))));
+    let nodes = a.nodes(60_000).await.unwrap();
+    assert_eq!(
+        nodes.iter().map(|n| (n.id.as_str(), n.monitors.len())).collect::<Vec<_>>(),
+        [("a", ga.len()), ("b", gb.len())]
+    );
+    assert_eq!(a.holder(mine).await.unwrap().unwrap().0, "a");
+
+    // a stops renewing (its leases are cut short here, as if its heartbeats stopped): b takes
+    // them over with a new generation, and a's late writes are refused.
+    let pg = postgres::shared();
+    let db = p.url.as_deref().unwrap().rsplit('/').next().unwrap();
+    pg.psql(db, "UPDATE leases SET expires_ms = lookout_now_ms() - 1 WHERE node_id = 'a'");
+    let taken = b.claim(10, 60_000).await.unwrap();
+    assert_eq!(taken.len(), ga.len());
+    let before = ga.iter().find(|l| &l.monitor == mine).unwrap().generation;
+    assert_eq!(taken.iter().find(|l| &l.monitor == mine).unwrap().generation, before + 1);
+    assert!(matches!(a.insert_event(&event(mine, 2, 2, "too late"), None).await, Err(StoreError::Fenced(_))));
+    assert!(a.renew(60_000).await.unwrap().is_empty(), "a's leases are lost");
+    b.insert_event(&event(mine, 3, 3, "the new holder"), None).await.unwrap();
+    let texts: Vec<String> = b.events(&q(mine)).await.unwrap().into_iter().map(|e| e.event.text).collect();
+    assert_eq!(texts, ["the new holder", "kept"]);
+
+    // A release hands the monitor over at once; leaving gives back everything.
+    b.release(mine).await.unwrap();
+    assert_eq!(
+        a.claim(10, 60_000).await.unwrap().iter().map(|l| l.monitor.as_str()).collect::<Vec<_>>(),
+        [mine.as_str()]
+    );
+    b.leave().await.unwrap();
+    assert_eq!(a.nodes(60_000).await.unwrap().len(), 1);
+    assert_eq!(a.claim(10, 60_000).await.unwrap().len(), 5);
+    assert_eq!(a.renew(60_000).await.unwrap().len(), 6);
+}
+
+#[tokio::test]
+async fn each_outbox_row_is_claimed_by_one_node() {
+    let p = Place::postgres();
+    let a = p.open_as("a").await;
+    let b = p.open_as("b").await;
+    a.create_monitor(&monitor("m1", "door")).await.unwrap();
+    a.claim(1, 60_000).await.unwrap();
+    let incident = IncidentRow {
+        id: "i1".into(),
+        monitor: "m1".into(),
+        opened_ms: 1,
+        closed_ms: None,
+        windows: vec![],
+        clip: None,
+    };
+    let delivery = |n: u32| NewDelivery {
+        id: format!("d{n}"),
+        incident: "i1".into(),
+        monitor: "m1".into(),
+        event: "incident.opened".into(),
+        kind: "webhook".into(),
+        url: format!("http://hook/{n}"),
+        secret: None,
+        body: "{}".into(),
+    };
+    a.save_incident(&incident, &[delivery(1), delivery(2), delivery(3)]).await.unwrap();
+    // b holds no lease of m1: its incident writes are refused.
+    assert!(matches!(b.save_incident(&incident, &[delivery(4)]).await, Err(StoreError::Fenced(_))));
+    let now = now_ms() + 1;
+    let (da, db) = tokio::join!(a.due_deliveries(now, 2), b.due_deliveries(now, 10));
+    let (da, db) = (da.unwrap(), db.unwrap());
+    let mut seqs: Vec<i64> = da.iter().chain(&db).map(|d| d.seq).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 3, "{da:?} {db:?}");
+    assert_eq!(da.len() + db.len(), 3, "each row went to one node");
+    assert!(a.due_deliveries(now, 10).await.unwrap().is_empty(), "claimed rows are not due again");
+    // A claimed row is due again (for every node) only when its claim runs out.
+    let next = a.next_due().await.unwrap().unwrap();
+    assert!(next >= now_ms() + alerts::CLAIM_MS - 5_000, "{next}");
+    // An attempt gives the claim up: a retry is due for whichever node comes first.
+    let first = da.first().or(db.first()).unwrap();
+    a.record_attempt(first.seq, &Attempt::Retry("503".into(), 0)).await.unwrap();
+    let again = b.due_deliveries(now, 10).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.seq).collect::<Vec<_>>(), [first.seq]);
 }

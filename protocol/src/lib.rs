@@ -888,6 +888,10 @@ pub struct Monitor {
     /// The watch running it now (`subscribe` to the monitor to follow it across restarts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<String>,
+    /// With several nodes: the node running it (any node answers for it, and proxies a
+    /// subscription to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Counters.
     pub counters: MonitorCounters,
     /// The newest event.
@@ -1050,6 +1054,42 @@ pub struct Health {
     /// Why loading failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With several nodes: this node's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// With several nodes: why the shared database does not answer, while it does not (the
+    /// node's monitors are stopped meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_error: Option<String>,
+}
+
+/// `GET /v1/nodes`: the nodes that share the database (one, without `--database`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nodes {
+    /// The id of the node that answered.
+    #[serde(rename = "self")]
+    pub self_id: String,
+    /// Every live node (heartbeat within a lease time), by id.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// A node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Id.
+    pub id: String,
+    /// Where the other nodes reach its API.
+    pub address: String,
+    /// Most monitors it runs (`--max-monitors`).
+    pub capacity: u32,
+    /// The monitors it runs (holds the leases of).
+    pub monitors: Vec<String>,
+    /// Monitors over capacity, 0 to 1.
+    pub load: f64,
+    /// When it started, RFC 3339 (UTC).
+    pub started_at: String,
+    /// Its last heartbeat, RFC 3339 (UTC).
+    pub heartbeat_at: String,
 }
 
 /// Model state.

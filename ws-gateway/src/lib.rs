@@ -9,7 +9,10 @@
 //!   frames; each change and its notifications stored together (the outbox).
 //! - `notify`: delivery from the outbox (signed webhooks, MQTT with Home Assistant discovery),
 //!   at least once and across restarts.
-//! - [`store`]: monitors and history behind one narrow interface (SQLite now, PostgreSQL later).
+//! - [`store`]: monitors, history, incidents and the outbox behind one narrow interface (SQLite
+//!   for one node, PostgreSQL for several).
+//! - `cluster`: with several nodes, the lease loop that decides which node runs each monitor
+//!   (heartbeats, claims, hand-over, failover).
 //! - [`server`]: the accept loop (HTTP/1.1 with a header-read timeout), the one API key check,
 //!   the axum routes (WebSocket sessions that start or follow watches, monitors, the REST and
 //!   OpenAI-style APIs with constrained answers, WHIP, uploads, metrics, the embedded UI) and the
@@ -20,6 +23,7 @@
 
 pub(crate) mod alerts;
 pub mod clip;
+pub(crate) mod cluster;
 pub(crate) mod monitors;
 pub(crate) mod notify;
 pub mod server;

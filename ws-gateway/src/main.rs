@@ -124,6 +124,24 @@ struct ServeArgs {
     /// model; a clip that needs more is refused (413) [default: 2048].
     #[arg(long, env = "LOOKOUT_MEDIA_BUDGET_MB")]
     media_budget_mb: Option<u64>,
+    /// A PostgreSQL database that several nodes share: postgres://user:password@host/db. Without
+    /// it, the node keeps its own SQLite database under --data-dir (then a directory every node
+    /// shares, for uploads, thumbnails and evidence clips).
+    #[arg(long, env = "LOOKOUT_DATABASE")]
+    database: Option<String>,
+    /// This node's id among those sharing the database [default: its address's host:port].
+    #[arg(long, env = "LOOKOUT_NODE_ID")]
+    node_id: Option<String>,
+    /// Where the other nodes reach this node's API [default: http://HOST:PORT as listened on].
+    #[arg(long, env = "LOOKOUT_NODE_ADDRESS")]
+    node_address: Option<String>,
+    /// Most monitors this node runs, with a shared database [default: 32].
+    #[arg(long, env = "LOOKOUT_MAX_MONITORS")]
+    max_monitors: Option<u32>,
+    /// How long a node's hold on a monitor lasts without renewal, seconds: a node that dies has
+    /// its monitors taken over within about this [default: 10].
+    #[arg(long, env = "LOOKOUT_LEASE_S")]
+    lease_s: Option<f64>,
 }
 
 impl ServeArgs {
@@ -170,6 +188,11 @@ impl ServeArgs {
             webhook_retry_s: self.webhook_retry_s.or(f.webhook_retry_s),
             mqtt_url: self.mqtt_url.or(f.mqtt_url),
             media_budget_mb: self.media_budget_mb.or(f.media_budget_mb),
+            database: self.database.or(f.database),
+            node_id: self.node_id.or(f.node_id),
+            node_address: self.node_address.or(f.node_address),
+            max_monitors: self.max_monitors.or(f.max_monitors),
+            lease_s: self.lease_s.or(f.lease_s),
         })
     }
 }
@@ -228,6 +251,53 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ws_gateway::server::check_mqtt_url(&u).map_err(anyhow::Error::msg)?;
         alerts.mqtt_url = Some(u);
     }
+    let cluster = match args.database.filter(|u| !u.is_empty()) {
+        Some(url) => {
+            let parsed = url::Url::parse(&url).map_err(|e| {
+                anyhow::anyhow!(
+                    "database: {e} in {}; give postgres://user:password@host/db",
+                    ws_gateway::server::redact_url(&url)
+                )
+            })?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "postgres" | "postgresql"),
+                "database: only PostgreSQL is supported (postgres://user:password@host/db), not {}://",
+                parsed.scheme()
+            );
+            let mut node = ws_gateway::server::NodeSettings {
+                id: args.node_id.filter(|i| !i.is_empty()),
+                address: args.node_address.filter(|a| !a.is_empty()),
+                ..Default::default()
+            };
+            if let Some(a) = &node.address {
+                let p = url::Url::parse(a)
+                    .map_err(|e| anyhow::anyhow!("node_address {a:?}: {e}; give http://host:port"))?;
+                anyhow::ensure!(
+                    p.scheme() == "http" && p.host().is_some(),
+                    "node_address must be http://host:port, not {a:?}"
+                );
+            }
+            if let Some(n) = args.max_monitors {
+                anyhow::ensure!((1..=10_000).contains(&n), "max_monitors must be 1 to 10000");
+                node.max_monitors = n;
+            }
+            if let Some(s) = args.lease_s {
+                anyhow::ensure!(s.is_finite() && (0.3..=3600.0).contains(&s), "lease_s must be in [0.3, 3600]");
+                node.lease = std::time::Duration::from_secs_f64(s);
+            }
+            Some(ws_gateway::server::SharedDatabase { url, node })
+        }
+        None => {
+            anyhow::ensure!(
+                args.node_id.is_none()
+                    && args.node_address.is_none()
+                    && args.max_monitors.is_none()
+                    && args.lease_s.is_none(),
+                "node_id, node_address, max_monitors and lease_s are for several nodes: give --database postgres://… too"
+            );
+            None
+        }
+    };
     let device = args.device.as_deref().unwrap_or("cpu").parse()?;
     let dtype = inference::parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?;
     let model =
@@ -255,6 +325,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         webrtc,
         alerts,
         media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
+        cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
     runtime.block_on(async move {
@@ -513,6 +584,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOOKOUT_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -72,6 +72,8 @@ enum Desired {
     Run(Box<MonitorRow>),
     /// The monitor was deleted: end its viewers.
     Deleted,
+    /// Another node runs it now (or none may, while the database is away): end its viewers here.
+    Moved(String),
     /// The server is stopping.
     Shutdown,
 }
@@ -193,6 +195,9 @@ struct Running {
     desired: watch::Sender<Desired>,
     status: Arc<Status>,
     task: tokio::task::JoinHandle<()>,
+    /// The settings' version it runs (with several nodes, a change made through another node is
+    /// noticed by this).
+    updated_ms: i64,
 }
 
 struct Inner {
@@ -203,6 +208,9 @@ struct Inner {
     history: History,
     alerts: Alerts,
     running: Mutex<HashMap<String, Running>>,
+    /// With several nodes, the lease loop decides which monitors run here; this wakes it (a
+    /// monitor created or enabled through this node is claimed at once, not at the next beat).
+    cluster: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The monitors of a node (cheap to clone).
@@ -218,6 +226,8 @@ impl Monitors {
         options: MonitorOptions,
         alerts: Alerts,
     ) -> Self {
+        // Several nodes share the store: leases decide what runs here.
+        let cluster = store.is_shared().then(Arc::default);
         let history = History::start(store.clone());
         Monitors(Arc::new(Inner {
             store,
@@ -227,7 +237,13 @@ impl Monitors {
             history,
             alerts,
             running: Mutex::new(HashMap::new()),
+            cluster,
         }))
+    }
+
+    /// What wakes the lease loop, with several nodes.
+    pub(crate) fn cluster_wake(&self) -> Option<&Arc<tokio::sync::Notify>> {
+        self.0.cluster.as_ref()
     }
 
     /// The alerts.
@@ -254,34 +270,85 @@ impl Monitors {
         &self.0.history
     }
 
-    /// Starts the task of every stored monitor, and the retention task.
+    /// Starts the task of every stored monitor (with several nodes: none; the lease loop starts
+    /// those this node claims), and the retention task.
     pub(crate) async fn start_all(&self) -> Result<usize, StoreError> {
-        let rows = self.0.store.monitors().await?;
-        let n = rows.len();
-        for row in rows {
-            self.spawn(row);
+        let mut n = 0;
+        if self.0.cluster.is_none() {
+            let rows = self.0.store.monitors().await?;
+            n = rows.len();
+            for row in rows {
+                self.spawn(row);
+            }
         }
         let me = self.clone();
         tokio::spawn(async move { me.retention_loop().await });
         Ok(n)
     }
 
-    /// Stores and starts a new monitor.
+    /// Stores and starts a new monitor (with several nodes: whichever node claims it).
     pub(crate) async fn create(&self, row: MonitorRow) -> Result<(), StoreError> {
         self.0.store.create_monitor(&row).await?;
-        self.spawn(row);
+        match &self.0.cluster {
+            Some(wake) => wake.notify_one(),
+            None => self.spawn(row),
+        }
         Ok(())
     }
 
     /// Stores new settings and tells the monitor's task; false if there is no such monitor.
+    /// (With several nodes, the node running it elsewhere notices the change at its next beat.)
     pub(crate) async fn update(&self, row: MonitorRow) -> Result<bool, StoreError> {
         if !self.0.store.update_monitor(&row).await? {
             return Ok(false);
         }
-        if let Some(r) = self.lock().get(&row.id) {
-            r.desired.send_replace(Desired::Run(Box::new(row)));
+        self.refresh(row);
+        if let Some(wake) = &self.0.cluster {
+            wake.notify_one();
         }
         Ok(true)
+    }
+
+    /// Gives a running monitor's task settings changed since it started (nothing when they are
+    /// the ones it runs).
+    pub(crate) fn refresh(&self, row: MonitorRow) {
+        if let Some(r) = self.lock().get_mut(&row.id)
+            && r.updated_ms != row.updated_ms
+        {
+            r.updated_ms = row.updated_ms;
+            r.desired.send_replace(Desired::Run(Box::new(row)));
+        }
+    }
+
+    /// Starts a monitor's task on this node (the lease loop, once it holds the lease).
+    pub(crate) fn run_here(&self, row: MonitorRow) {
+        if !self.lock().contains_key(&row.id) {
+            self.spawn(row);
+        }
+    }
+
+    /// Stops a monitor's task on this node and waits for it (its watch's threads joined, and
+    /// with `flush` its last windows stored): before its lease is given up, so that two nodes
+    /// never run it at once. Its viewers here are told `why`.
+    pub(crate) async fn stop_here(&self, id: &str, why: &str, flush: bool) {
+        let running = self.lock().remove(id);
+        if let Some(r) = running {
+            r.desired.send_replace(Desired::Moved(why.to_owned()));
+            let _ = r.task.await;
+            self.0.alerts.forget(id);
+            // Its last windows are stored while the lease is still held.
+            if flush {
+                self.0.history.flush().await;
+            }
+            tracing::info!(monitor = %id, why, "monitor stopped on this node");
+        }
+    }
+
+    /// The monitors with a task on this node, and their live state.
+    pub(crate) fn running(&self) -> Vec<(String, Arc<Status>)> {
+        let mut all: Vec<_> = self.lock().iter().map(|(id, r)| (id.clone(), r.status.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Stops a monitor (its viewers get `ended {deleted}`) and deletes it with its history.
@@ -295,7 +362,7 @@ impl Monitors {
         self.0.store.delete_monitor(id).await
     }
 
-    /// Monitors with a task (every stored one).
+    /// Monitors with a task on this node (every stored one, on one node).
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
@@ -326,13 +393,15 @@ impl Monitors {
 
     fn spawn(&self, row: MonitorRow) {
         let id = row.id.clone();
+        let updated_ms = row.updated_ms;
         let (desired, rx) = watch::channel(Desired::Run(Box::new(row)));
         let status = Arc::new(Status::new());
         let run =
             MonitorTask { id: id.clone(), monitors: self.clone(), status: status.clone(), desired: rx, alerts: None };
         let span = tracing::info_span!("monitor", id = %id);
+        tracing::info!(monitor = %id, "monitor started on this node");
         let task = tokio::spawn(tracing::Instrument::instrument(run.run(), span));
-        self.lock().insert(id, Running { desired, status, task });
+        self.lock().insert(id, Running { desired, status, task, updated_ms });
     }
 
     async fn retention_loop(&self) {
@@ -433,6 +502,7 @@ impl MonitorTask {
             let row = match desired {
                 Desired::Run(r) => *r,
                 Desired::Deleted => return self.finish(EndReason::Deleted, "the monitor was deleted"),
+                Desired::Moved(why) => return self.finish(EndReason::Stopped, &why),
                 Desired::Shutdown => return self.finish(EndReason::Shutdown, "the server is shutting down"),
             };
             self.alert_settings(&row).await;
@@ -565,6 +635,7 @@ impl MonitorTask {
                         }
                         Desired::Run(_) => (Stop::new(EndReason::Stopped, "the monitor's settings changed"), Outcome::Restart),
                         Desired::Deleted => (Stop::new(EndReason::Deleted, "the monitor was deleted"), Outcome::Finish(EndReason::Deleted, "the monitor was deleted".into())),
+                        Desired::Moved(why) => (Stop::new(EndReason::Stopped, why.clone()), Outcome::Finish(EndReason::Stopped, why)),
                         Desired::Shutdown => (Stop::new(EndReason::Shutdown, "the server is shutting down"), Outcome::Finish(EndReason::Shutdown, "the server is shutting down".into())),
                     };
                     // Wait for the watch to end (its threads joined) before going on.

@@ -13,6 +13,7 @@
 
 mod incidents;
 mod monitors;
+mod nodes;
 mod openai;
 pub(crate) mod rest;
 mod session;
@@ -80,6 +81,55 @@ pub struct ServeConfig {
     /// MiB that clips being sampled, and sampled clips waiting for the model, may take in all
     /// (REST and chat requests; each reserves its estimate before decoding).
     pub media_budget_mb: u64,
+    /// Several nodes sharing a PostgreSQL database; one node with its own SQLite without.
+    pub cluster: Option<SharedDatabase>,
+}
+
+/// A database several nodes share, and this node's part.
+#[derive(Clone)]
+pub struct SharedDatabase {
+    /// `postgres://user:password@host/db` (its password is never logged).
+    pub url: String,
+    /// This node; its id and address default to where it listens.
+    pub node: NodeSettings,
+}
+
+impl std::fmt::Debug for SharedDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDatabase").field("url", &redact_url(&self.url)).field("node", &self.node).finish()
+    }
+}
+
+/// A node's settings; `None` means "from the listening address".
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// `--node-id`.
+    pub id: Option<String>,
+    /// `--node-address`.
+    pub address: Option<String>,
+    /// `--max-monitors`.
+    pub max_monitors: u32,
+    /// `--lease-s`.
+    pub lease: std::time::Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings { id: None, address: None, max_monitors: 32, lease: std::time::Duration::from_secs(10) }
+    }
+}
+
+/// A URL with its password replaced by `***` (for errors and logs).
+pub fn redact_url(u: &str) -> String {
+    match url::Url::parse(u) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(an unreadable URL)".to_owned(),
+    }
 }
 
 /// How alert notifications are delivered.
@@ -188,6 +238,7 @@ impl Default for ServeConfig {
             webrtc: WebrtcConfig::default(),
             alerts: AlertConfig::default(),
             media_budget_mb: 2048,
+            cluster: None,
         }
     }
 }
@@ -249,6 +300,8 @@ pub(crate) struct AppState {
     pub(crate) monitors: crate::monitors::Monitors,
     /// Memory for clips of REST and chat requests.
     pub(crate) media: MediaBudget,
+    /// With several nodes: the lease loop's view.
+    pub(crate) cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Waits on the model's state for monitors.
@@ -323,6 +376,7 @@ impl AppState {
             watches,
             monitors,
             media,
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -430,7 +484,15 @@ async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Health> {
     // Anyone may ask for health: the error names the model as the API does, not by its path.
     let model = model_id(&state.config.model);
     let error = error.map(|e| e.replace(&state.config.model, &model));
-    axum::Json(Health { status, model, device, error })
+    let cluster = state.cluster.get();
+    axum::Json(Health {
+        status,
+        model,
+        device,
+        error,
+        node: cluster.map(|c| c.node_id().to_owned()),
+        database_error: cluster.and_then(|c| c.standing().error),
+    })
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiFailure> {
@@ -562,6 +624,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/incidents/{id}/frames/{file}", get(incidents::frame))
         .route("/v1/incidents/{id}/clip.mp4", get(incidents::clip))
         .route("/v1/deliveries", get(incidents::deliveries))
+        .route("/v1/nodes", get(nodes::list))
         .route("/v1/whip", post(whip::publish).get(whip::list).layer(DefaultBodyLimit::max(64 * 1024)))
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
@@ -607,12 +670,33 @@ pub async fn serve(
     std::fs::create_dir_all(config.data_dir.join("uploads"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let whip = ingest::webrtc::Whip::new(config.webrtc.clone());
-    let store = crate::store::Store::open(&config.data_dir)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the store under {}: {e}", config.data_dir.display()))?;
+    let node = match &config.cluster {
+        Some(shared) => Some(node_config(shared, listener.local_addr()?)),
+        None => None,
+    };
+    let store = match (&config.cluster, &node) {
+        (Some(shared), Some(node)) => crate::store::Store::open_postgres(&shared.url, &config.data_dir, &node.node_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot use the database {}: {e}", redact_url(&shared.url)))?,
+        _ => crate::store::Store::open(&config.data_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the store under {}: {e}", config.data_dir.display()))?,
+    };
     let config = Arc::new(config);
     let sources = Arc::new(sources::ServerSources { config: config.clone(), whip: whip.clone() });
-    let state = Arc::new(AppState::new(config, whip, sources, shutdown_rx, store));
+    let state = Arc::new(AppState::new(config, whip, sources, shutdown_rx, store.clone()));
+    let (cluster_stop, cluster_task) = match node {
+        Some(node) => {
+            let cluster = crate::cluster::Cluster::join(store, state.monitors.clone(), node.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot join the nodes sharing the database: {e}"))?;
+            let _ = state.cluster.set(cluster.clone());
+            tracing::info!(node = %node.node_id, address = %node.address, max_monitors = node.max_monitors, lease = ?node.lease, "joined the nodes sharing the database");
+            let (tx, rx) = watch::channel(false);
+            (Some(tx), Some(tokio::spawn(cluster.run(rx))))
+        }
+        None => (None, None),
+    };
     let resumed = state.monitors.start_all().await?;
     if resumed > 0 {
         tracing::info!(monitors = resumed, "monitors started");
@@ -644,6 +728,12 @@ pub async fn serve(
         stop.await;
         tracing::info!("shutting down: ending sessions and watches");
         let _ = shutdown_tx.send(true);
+        // With several nodes the lease loop stops this node's monitors and hands their leases
+        // back at once (the others take them over at their next beat).
+        if let (Some(stop), Some(task)) = (cluster_stop, cluster_task) {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
         // Monitors stop (their history flushed), then every other watch ends (its clients
         // are told why) and its threads are joined; the connections then close.
         monitors.shutdown().await;
@@ -656,6 +746,24 @@ pub async fn serve(
         tracing::info!(open, "connections still closing");
     }
     Ok(())
+}
+
+/// This node's settings: the id and address default to where it listens (`http://host:port`,
+/// the machine's name for a wildcard address).
+fn node_config(shared: &SharedDatabase, local: std::net::SocketAddr) -> crate::cluster::ClusterConfig {
+    let n = &shared.node;
+    let address = n.address.clone().unwrap_or_else(|| {
+        if local.ip().is_unspecified() {
+            let host =
+                std::fs::read_to_string("/etc/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned());
+            format!("http://{host}:{}", local.port())
+        } else {
+            format!("http://{local}")
+        }
+    });
+    let id =
+        n.id.clone().unwrap_or_else(|| address.trim_start_matches("http://").trim_start_matches("https://").to_owned());
+    crate::cluster::ClusterConfig { node_id: id, address, max_monitors: n.max_monitors.max(1), lease: n.lease }
 }
 
 /// Serves HTTP/1.1 (with upgrades, for WebSockets) on every accepted connection until `stop`

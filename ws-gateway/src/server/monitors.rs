@@ -20,6 +20,11 @@ impl From<StoreError> for ApiFailure {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NameTaken(_) => ApiFailure::of(ErrorCode::Conflict, e.to_string()),
+            // A shared database that is away (several nodes): the request can be tried again.
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => {
+                tracing::warn!(error = %e, "the database does not answer");
+                ApiFailure::of(ErrorCode::Overloaded, "the database does not answer; try again shortly")
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiFailure::of(ErrorCode::Internal, "the history store failed; the server log says why")
@@ -118,7 +123,26 @@ impl AppState {
         let events = store.count_events(&row.id).await?;
         let last = store.events(&EventQuery { monitor: row.id.clone(), limit: 1, ..Default::default() }).await?;
         let status = self.monitors.status(&row.id);
-        let (state, reason) = status.as_ref().map_or((protocol::WatchState::Ended, None), |s| s.state());
+        let (mut state, mut reason) = status.as_ref().map_or((protocol::WatchState::Ended, None), |s| s.state());
+        let mut node = store.node_id().filter(|_| status.is_some()).map(str::to_owned);
+        if status.is_none() && store.is_shared() {
+            // Run by another node (or by none yet): the state its node last reported.
+            match store.lease_state(&row.id).await? {
+                Some(lease) => {
+                    state = lease
+                        .state
+                        .and_then(|s| serde_json::from_value(serde_json::Value::String(s)).ok())
+                        .unwrap_or(protocol::WatchState::Starting);
+                    reason = lease.reason;
+                    node = Some(lease.node);
+                }
+                None if row.enabled => {
+                    state = protocol::WatchState::Starting;
+                    reason = Some("waiting for a node with room to claim it".into());
+                }
+                None => state = protocol::WatchState::Paused,
+            }
+        }
         let counters =
             status.as_ref().map_or(protocol::MonitorCounters { events, ..Default::default() }, |s| s.counters(events));
         Ok(Monitor {
@@ -135,6 +159,7 @@ impl AppState {
             state,
             reason,
             watch: status.and_then(|s| s.watch_id()),
+            node,
             counters,
             last_event: last.into_iter().next().map(wire_event),
             created_at: rfc3339(row.created_ms),

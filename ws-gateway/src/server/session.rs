@@ -80,7 +80,19 @@ pub(crate) async fn watches(State(state): State<Arc<AppState>>) -> Result<axum::
 }
 
 /// `GET /v1/ws`: the upgrade, then a session over the socket.
-pub(crate) async fn ws(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+/// `/v1/ws` query parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct WsQuery {
+    /// Opened by another node's proxy (never proxied again).
+    #[serde(default)]
+    proxied: bool,
+}
+
+pub(crate) async fn ws(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(query): axum::extract::Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     let open = state.connections.fetch_add(1, Ordering::SeqCst);
     if open >= state.config.max_connections {
         state.connections.fetch_sub(1, Ordering::SeqCst);
@@ -110,7 +122,8 @@ pub(crate) async fn ws(State(state): State<Arc<AppState>>, upgrade: WebSocketUpg
             futures_util::future::ready(Ok::<_, axum::Error>(Message::Text(text.into())))
         });
         let incoming = stream.filter_map(|m| futures_util::future::ready(Incoming::from_ws(m)));
-        run(state.clone(), sink, incoming).instrument(tracing::info_span!("session", id = %id)).await;
+        let session = run(state.clone(), sink, incoming).instrument(tracing::info_span!("session", id = %id));
+        super::nodes::PROXIED.scope(query.proxied, session).await;
         state.connections.fetch_sub(1, Ordering::SeqCst);
     })
 }
@@ -250,13 +263,15 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
                         .start(source, prompt, window.unwrap_or_default(), generation.unwrap_or_default())
                         .await;
                 }
-                Incoming::Msg(ClientMessage::Subscribe { watch, monitor }) => match self.subscribe(watch, monitor) {
-                    Ok((following, subscribed)) => {
-                        self.out.send(subscribed).await?;
-                        return Ok(following);
+                Incoming::Msg(ClientMessage::Subscribe { watch, monitor }) => {
+                    match self.subscribe(watch, monitor).await {
+                        Ok((following, subscribed)) => {
+                            self.out.send(subscribed).await?;
+                            return Ok(following);
+                        }
+                        Err(e) => e,
                     }
-                    Err(e) => e,
-                },
+                }
                 Incoming::Msg(ClientMessage::Stop {}) => {
                     return Err(Ending::new(EndReason::Stopped, "stopped by the client"));
                 }
@@ -308,21 +323,31 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
         let on_drop = Stop::new(EndReason::ClientClosed, "the client that started this watch closed its connection");
         let (owner, sub) = self.state.watches.start(spec, analyzer, on_drop, None);
         tracing::info!(watch = %owner.shared().id, "watch started");
-        Ok(Following { sub, owner: Some(owner), _slot: Some(slot) })
+        Ok(Following { sub, owner: Some(owner), _slot: Some(slot), _relay: None })
     }
 
     /// Follows a running watch; the error is the reason for the client.
-    fn subscribe(&self, watch: Option<String>, monitor: Option<String>) -> Result<(Following, ServerMessage), String> {
+    async fn subscribe(
+        &self,
+        watch: Option<String>,
+        monitor: Option<String>,
+    ) -> Result<(Following, ServerMessage), String> {
         let id = match (watch, monitor) {
             (Some(w), None) => w,
             (None, Some(m)) => {
-                let (sub, status) = self
-                    .state
-                    .monitors
-                    .subscribe(&m)
-                    .ok_or_else(|| format!("no monitor {m:?}; GET /v1/monitors lists them"))?;
-                let prompt = status.watch_prompt().unwrap_or_default();
-                return Ok((Following { sub, owner: None, _slot: None }, status.subscribed(&m, prompt)));
+                if let Some((sub, status)) = self.state.monitors.subscribe(&m) {
+                    let prompt = status.watch_prompt().unwrap_or_default();
+                    return Ok((
+                        Following { sub, owner: None, _slot: None, _relay: None },
+                        status.subscribed(&m, prompt),
+                    ));
+                }
+                // With several nodes, another may run it.
+                let relay = super::nodes::relay(self.state, &m)
+                    .await?
+                    .ok_or_else(|| format!("no monitor {m:?} runs now; GET /v1/monitors lists them"))?;
+                let following = Following { sub: relay.sub, owner: None, _slot: None, _relay: Some(relay.task) };
+                return Ok((following, relay.subscribed));
             }
             _ => return Err("subscribe needs exactly one of \"watch\" and \"monitor\"".into()),
         };
@@ -333,7 +358,7 @@ impl<St: Stream<Item = Incoming> + Unpin> Waiting<'_, St> {
             .ok_or_else(|| format!("no running watch {id:?}; GET /v1/watches lists them"))?;
         // Subscribe before describing the watch, so that nothing published in between is lost.
         let sub = shared.hub.subscribe();
-        Ok((Following { sub, owner: None, _slot: None }, shared.subscribed()))
+        Ok((Following { sub, owner: None, _slot: None, _relay: None }, shared.subscribed()))
     }
 }
 
@@ -362,6 +387,8 @@ struct Following {
     sub: Subscription,
     owner: Option<WatchHandle>,
     _slot: Option<SessionSlot>,
+    /// A subscription relayed from another node, ended with the session.
+    _relay: Option<super::nodes::AbortOnDrop>,
 }
 
 impl Following {

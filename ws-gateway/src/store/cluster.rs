@@ -38,6 +38,17 @@ pub struct Lease {
     pub generation: i64,
 }
 
+/// Who runs a monitor, and how it goes there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseState {
+    /// The node.
+    pub node: String,
+    /// Its state (`running`, ...), once reported.
+    pub state: Option<String>,
+    /// Why, when it is not running.
+    pub reason: Option<String>,
+}
+
 fn leases(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Lease>, StoreError> {
     rows.iter().map(|r| Ok(Lease { monitor: r.try_get("monitor_id")?, generation: r.try_get("generation")? })).collect()
 }
@@ -182,6 +193,45 @@ impl Store {
         .fetch_all(pool)
         .await?;
         rows.first().map(|r| Ok((r.try_get("id")?, r.try_get("address")?))).transpose()
+    }
+
+    /// Records the live state of the monitors this node runs (`(monitor, state, reason)`).
+    pub async fn report(&self, states: &[(String, String, Option<String>)]) -> Result<(), StoreError> {
+        let (pool, f) = self.cluster("reporting states")?;
+        if states.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+        let state: Vec<&str> = states.iter().map(|s| s.1.as_str()).collect();
+        let reason: Vec<Option<&str>> = states.iter().map(|s| s.2.as_deref()).collect();
+        sqlx::query(
+            "UPDATE leases l SET state = v.state, reason = v.reason FROM \
+             unnest($2::text[], $3::text[], $4::text[]) AS v(id, state, reason) \
+             WHERE l.monitor_id = v.id AND l.node_id = $1",
+        )
+        .bind(f.node())
+        .bind(ids)
+        .bind(state)
+        .bind(reason)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A monitor's live lease: the node running it, and the state it last reported.
+    pub async fn lease_state(&self, monitor: &str) -> Result<Option<LeaseState>, StoreError> {
+        let (pool, _) = self.cluster("reading a lease")?;
+        let rows = sqlx::query(
+            "SELECT node_id, state, reason FROM leases WHERE monitor_id = $1 AND expires_ms > lookout_now_ms()",
+        )
+        .bind(monitor)
+        .fetch_all(pool)
+        .await?;
+        rows.first()
+            .map(|r| {
+                Ok(LeaseState { node: r.try_get("node_id")?, state: r.try_get("state")?, reason: r.try_get("reason")? })
+            })
+            .transpose()
     }
 
     /// How many monitors are enabled (what the nodes share out).

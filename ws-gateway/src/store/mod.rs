@@ -405,6 +405,11 @@ impl Store {
         self.fences.as_ref()
     }
 
+    /// This node's id, when several nodes share this store.
+    pub fn node_id(&self) -> Option<&str> {
+        self.fences.as_ref().map(|f| f.node())
+    }
+
     /// Whether several nodes share this store.
     pub fn is_shared(&self) -> bool {
         self.fences.is_some()
@@ -810,4 +815,4 @@ mod cluster;
 mod tests;
 
 pub use alerts::{Attempt, DeliveryRow, IncidentQuery, IncidentRow, IncidentWindowRow, NewDelivery};
-pub use cluster::{Lease, NodeRow};
+pub use cluster::{Lease, LeaseState, NodeRow};

@@ -12,6 +12,8 @@ use protocol::{ClientMessage, GenerationSettings, ServerMessage, WindowSettings}
 use tokio_tungstenite::tungstenite::Message;
 use ws_gateway::server::{ServeConfig, serve};
 
+pub mod postgres;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -22,7 +22,10 @@ CREATE TABLE leases (
     node_id     TEXT NOT NULL,
     generation  BIGINT NOT NULL,
     claimed_ms  BIGINT NOT NULL,
-    expires_ms  BIGINT NOT NULL
+    expires_ms  BIGINT NOT NULL,
+    -- The monitor's live state as its node last reported it (what any node's API shows).
+    state       TEXT,
+    reason      TEXT
 );
 CREATE INDEX leases_by_node ON leases (node_id);
 

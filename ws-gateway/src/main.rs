@@ -332,8 +332,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
-        eprintln!("lookout listening on http://{}", listener.local_addr()?);
-        ws_gateway::server::serve(config, listener, ws_gateway::server::shutdown_signal()).await
+        ws_gateway::server::serve_announced(config, listener, ws_gateway::server::shutdown_signal(), |addr| {
+            eprintln!("lookout listening on http://{addr}");
+        })
+        .await
     })
 }
 

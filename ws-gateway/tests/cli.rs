@@ -85,6 +85,24 @@ fn bad_input_gets_one_clear_line() {
     let text = text.to_str().unwrap();
 
     assert_one_line_error(&["sample", "--video", "/no/such/clip.mp4", "--out", out], "no such file");
+    // A shared database that does not answer: one line, its password hidden.
+    let model = root().join("fixtures/models/tiny-tied");
+    let model = model.to_str().unwrap();
+    let data = tmp("unreachable-db");
+    let data = data.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = format!("postgres://lookout:hunter2@127.0.0.1:{port}/lookout");
+    let o = lookout(&["serve", "--port", "0", "--model", model, "--data-dir", data, "--database", &db]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("hunter2"));
+    assert_one_line_error(
+        &["serve", "--port", "0", "--model", model, "--data-dir", data, "--database", &db],
+        "cannot use the database postgres://lookout:***@127.0.0.1",
+    );
+    assert_one_line_error(
+        &["serve", "--port", "0", "--model", model, "--database", "mysql://x@y/z"],
+        "only postgresql",
+    );
+    assert_one_line_error(&["serve", "--port", "0", "--model", model, "--lease-s", "5"], "give --database");
     assert_one_line_error(&["sample", "--video", text, "--out", out], "not a readable media file");
     assert_one_line_error(
         &["sample", "--video", clip, "--min-pixels", "50000", "--max-pixels", "40000", "--out", out],

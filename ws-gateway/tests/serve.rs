@@ -568,6 +568,7 @@ async fn openapi_and_docs_are_served_from_the_binary() {
         "/v1/monitors/{id}",
         "/v1/monitors/{id}/events",
         "/v1/events/{id}/thumbnail.jpg",
+        "/v1/nodes",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }

@@ -156,15 +156,21 @@ impl Cluster {
         self.within(self.store.heartbeat(&self.config.address, self.config.max_monitors)).await?;
         let held = self.within(self.store.renew(lease_ms)).await?;
         let held: HashMap<String, i64> = held.into_iter().map(|l| (l.monitor, l.generation)).collect();
-        // Lost leases first: those monitors stop here at once.
-        for (id, _) in self.monitors.running() {
-            if !held.contains_key(&id) {
-                tracing::warn!(monitor = %id, "lease lost; stopping the monitor here");
-                self.monitors.stop_here(&id, "this node lost the monitor's lease; another node runs it", false).await;
-            }
-        }
         let rows: HashMap<String, crate::store::MonitorRow> =
             self.within(self.store.monitors()).await?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        // Lost leases first: those monitors stop here at once (a deleted monitor's lease went
+        // with it: its viewers are told it was deleted).
+        for (id, _) in self.monitors.running() {
+            if held.contains_key(&id) {
+                continue;
+            }
+            if rows.contains_key(&id) {
+                tracing::warn!(monitor = %id, "lease lost; stopping the monitor here");
+                self.monitors.stop_here(&id, "this node lost the monitor's lease; another node runs it", false).await;
+            } else {
+                self.monitors.end_deleted(&id).await;
+            }
+        }
         let mut mine = 0u64;
         for id in held.keys() {
             match rows.get(id) {
@@ -173,11 +179,13 @@ impl Cluster {
                     self.monitors.run_here(row.clone());
                     self.monitors.refresh(row.clone());
                 }
-                // Paused (or deleted): it needs no node.
-                _ => {
+                // Paused: it needs no node.
+                Some(_) => {
                     self.monitors.stop_here(id, "the monitor was paused", true).await;
                     self.within(self.store.release(id)).await?;
                 }
+                // Deleted through another node (its lease went with it).
+                None => self.monitors.end_deleted(id).await,
             }
         }
         let enabled = rows.values().filter(|m| m.enabled).count() as u64;

@@ -302,15 +302,18 @@ impl Monitors {
         if !self.0.store.update_monitor(&row).await? {
             return Ok(false);
         }
-        self.refresh(row);
+        if let Some(r) = self.lock().get_mut(&row.id) {
+            r.updated_ms = row.updated_ms;
+            r.desired.send_replace(Desired::Run(Box::new(row)));
+        }
         if let Some(wake) = &self.0.cluster {
             wake.notify_one();
         }
         Ok(true)
     }
 
-    /// Gives a running monitor's task settings changed since it started (nothing when they are
-    /// the ones it runs).
+    /// Gives a running monitor's task settings changed (through another node) since it started
+    /// (nothing when they are the version it runs).
     pub(crate) fn refresh(&self, row: MonitorRow) {
         if let Some(r) = self.lock().get_mut(&row.id)
             && r.updated_ms != row.updated_ms
@@ -353,13 +356,20 @@ impl Monitors {
 
     /// Stops a monitor (its viewers get `ended {deleted}`) and deletes it with its history.
     pub(crate) async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        self.end_deleted(id).await;
+        self.0.store.delete_monitor(id).await
+    }
+
+    /// Ends a deleted monitor's task here (its viewers get `ended {deleted}`); with several
+    /// nodes, also what the node running a monitor deleted through another does.
+    pub(crate) async fn end_deleted(&self, id: &str) {
         let running = self.lock().remove(id);
         if let Some(r) = running {
             r.desired.send_replace(Desired::Deleted);
             let _ = r.task.await;
+            tracing::info!(monitor = %id, why = "deleted", "monitor stopped on this node");
         }
         self.0.alerts.forget(id);
-        self.0.store.delete_monitor(id).await
     }
 
     /// Monitors with a task on this node (every stored one, on one node).

@@ -667,6 +667,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_announced(config, listener, stop, |_| {}).await
+}
+
+/// [`serve`], calling `announce` with the address once the store is open and requests are
+/// about to be served (an unreachable database fails before anything says "listening").
+pub async fn serve_announced(
+    config: ServeConfig,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    announce: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(config.data_dir.join("uploads"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let whip = ingest::webrtc::Whip::new(config.webrtc.clone());
@@ -721,6 +732,7 @@ pub async fn serve(
     });
     let app = router(state.clone());
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    announce(listener.local_addr()?);
     let watches = state.watches.clone();
     let monitors = state.monitors.clone();
     let header_timeout = state.config.header_read_timeout;

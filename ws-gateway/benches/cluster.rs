@@ -294,6 +294,7 @@ fn history(events: u64) {
     body["enabled"] = serde_json::json!(false);
     let m = post(&format!("{base}/v1/monitors"), body)["id"].as_str().unwrap().to_owned();
     let words = WORDS.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(",");
+    let timings = serde_json::to_string(&Timings::default()).unwrap();
     let start = Instant::now();
     pg.psql(
         &db,
@@ -301,7 +302,7 @@ fn history(events: u64) {
             "INSERT INTO events (monitor_id, window_id, start_s, end_s, started_ms, prompt, text, finish_reason, \
              prompt_tokens, completion_tokens, timings) SELECT '{m}', g, g * 2.0, g * 2.0 + 2.0, \
              1700000000000 + g * 2000, 'What happens?', 'a ' || (ARRAY[{words}])[1 + g % 10] || ' near the ' || \
-             (ARRAY[{words}])[1 + (g / 10) % 10] || CASE WHEN g % 100000 = 7 THEN ' zebra' ELSE '' END, 'stop', 300, 12, '{{}}' \
+             (ARRAY[{words}])[1 + (g / 10) % 10] || CASE WHEN g % 100000 = 7 THEN ' zebra' ELSE '' END, 'stop', 300, 12, '{timings}' \
              FROM generate_series(0, {}) g; ANALYZE events;",
             events - 1
         ),

@@ -389,7 +389,12 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
         m.requests.load(Ordering::Relaxed),
     );
     let h = state.monitors.history().stats();
-    line("lookout_monitors", "gauge", "Stored monitors.", state.monitors.len() as u64);
+    line(
+        "lookout_monitors",
+        "gauge",
+        "Monitors running on this node (every stored one, on one node).",
+        state.monitors.len() as u64,
+    );
     let a = state.monitors.alerts().stats();
     line(
         "lookout_incidents_opened_total",
@@ -416,6 +421,14 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
         "Notifications given up after their last attempt.",
         a.failed.load(Ordering::Relaxed),
     );
+    if let Some(c) = state.cluster.get() {
+        line(
+            "lookout_database_up",
+            "gauge",
+            "Whether the shared database answered this node's last lease beat (its monitors stop while it does not).",
+            u64::from(c.standing().error.is_none()),
+        );
+    }
     if let Some(m) = state.monitors.alerts().mqtt() {
         line("lookout_mqtt_connected", "gauge", "Whether the MQTT broker is connected.", u64::from(m.connected()));
     }

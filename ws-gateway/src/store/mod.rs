@@ -680,7 +680,13 @@ impl Store {
         if let Some(before) = q.before_id {
             sql += &format!(" AND {order} < {}", arg(Param::Int(before)));
         }
-        sql += &format!(" ORDER BY {order} DESC LIMIT {}", arg(Param::Int(i64::from(q.limit))));
+        // PostgreSQL would walk the id index backwards past every newer event to find a rare
+        // word or an old time range (400 ms at a million events); ordering by an expression
+        // makes it find them by their own index first, then sort what it found.
+        let filtered = q.text.is_some() || q.since_ms.is_some() || q.until_ms.is_some();
+        let sort =
+            if matches!(self.db, Db::Postgres(_)) && filtered { format!("({order} + 0)") } else { order.to_owned() };
+        sql += &format!(" ORDER BY {sort} DESC LIMIT {}", arg(Param::Int(i64::from(q.limit))));
         on_db!(&self.db, pool => bind_all(sqlx::query(&sql), &params)
             .fetch_all(pool)
             .await?

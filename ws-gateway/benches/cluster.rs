@@ -16,10 +16,11 @@
 
 #[path = "../tests/common/postgres.rs"]
 mod postgres;
+#[path = "../tests/common/process.rs"]
+mod process;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -60,23 +61,13 @@ impl Node {
     fn start(url: &str, data: &Path, port: u16, lease_s: f64) -> Node {
         let bin = std::env::var("LOOKOUT_BIN")
             .unwrap_or_else(|_| root().join("target/release/lookout").display().to_string());
-        let mut child = Command::new(bin)
-            .args(["serve", "--port", &port.to_string(), "--database", url, "--lease-s", &lease_s.to_string()])
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--port", &port.to_string(), "--database", url, "--lease-s", &lease_s.to_string()])
             .arg("--model")
             .arg(root().join("fixtures/models/tiny-tied"))
             .arg("--data-dir")
-            .arg(data)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "lookout exited before listening");
-        }
-        std::thread::spawn(move || for _ in stderr.lines() {});
+            .arg(data);
+        let child = process::spawn_listening(cmd, None);
         let deadline = Instant::now() + Duration::from_secs(60);
         while get(&format!("http://127.0.0.1:{port}/v1/health"))["status"] != "ready" {
             assert!(Instant::now() < deadline, "never ready");

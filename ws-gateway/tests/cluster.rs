@@ -8,9 +8,8 @@
 //! stored), and those intervals must never overlap across nodes for any monitor.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,30 +32,15 @@ struct Node {
 
 impl Node {
     fn start(url: &str, data: &Path, port: u16, log: Arc<Mutex<Vec<String>>>) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lookout"))
-            .args(["serve", "--port", &port.to_string(), "--database", url, "--lease-s", &LEASE_S.to_string()])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lookout"));
+        cmd.args(["serve", "--port", &port.to_string(), "--database", url, "--lease-s", &LEASE_S.to_string()])
             .args(["--max-monitors", "4", "--max-sessions", "2"])
             .arg("--model")
             .arg(root().join("fixtures/models/tiny-tied"))
             .arg("--data-dir")
             .arg(data)
-            .env("LOOKOUT_LOG", "warn,ws_gateway::monitors=info,ws_gateway::cluster=info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "lookout exited before listening");
-        }
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
+            .env("LOOKOUT_LOG", "warn,ws_gateway::monitors=info,ws_gateway::cluster=info");
+        let child = common::process::spawn_listening(cmd, Some(log));
         Node { child: Some(child), port, base: format!("127.0.0.1:{port}") }
     }
 

@@ -2,9 +2,8 @@
 //! GStreamer's RTSP server as sources, the SQLite store on disk, restarts of the real binary
 //! (graceful and `kill -9`), retention, search, and viewers over WebSockets.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use protocol::{ClientMessage, EndReason, Event, EventPage, Monitor, MonitorList, ServerMessage, WatchState};
@@ -305,24 +304,14 @@ struct Binary {
 impl Binary {
     fn start(data: &Path) -> Binary {
         let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lookout"))
-            .args(["serve", "--port", &port.to_string(), "--max-sessions", "4"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lookout"));
+        cmd.args(["serve", "--port", &port.to_string(), "--max-sessions", "4"])
             .arg("--model")
             .arg(root().join("fixtures/models/tiny-tied"))
             .arg("--data-dir")
             .arg(data)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "lookout exited before listening");
-        }
-        std::thread::spawn(move || for _ in stderr.lines() {});
+            .env("RUST_LOG", "warn");
+        let child = common::process::spawn_listening(cmd, None);
         Binary { child, base: format!("127.0.0.1:{port}") }
     }
 

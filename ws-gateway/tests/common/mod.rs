@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use ws_gateway::server::{ServeConfig, serve};
 
 pub mod postgres;
+pub mod process;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

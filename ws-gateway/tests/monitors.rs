@@ -198,6 +198,22 @@ async fn monitors_are_created_checked_searched_changed_and_deleted() {
     let (_, metrics) = bytes(format!("http://{base}/metrics")).await;
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(metrics.contains("lookout_monitors 1"), "{metrics}");
+    // The windows' latency histograms, vLLM's names: every analysed window counted, in buckets.
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for h in [
+        "lookout_request_queue_time_seconds",
+        "lookout_time_to_first_token_seconds",
+        "lookout_e2e_request_latency_seconds",
+    ] {
+        assert!(count(h) >= 1, "{h}: {metrics}");
+        assert!(metrics.contains(&format!("{h}_bucket{{le=\"+Inf\"}} {}", count(h))), "{h}: {metrics}");
+    }
     let history_bytes: u64 =
         metrics.lines().find_map(|l| l.strip_prefix("lookout_history_bytes ")).and_then(|v| v.parse().ok()).unwrap();
     assert!(history_bytes > 0);

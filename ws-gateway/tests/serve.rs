@@ -399,7 +399,10 @@ async fn seed_rest_endpoints_answer_in_the_seed_shapes() {
     .await
     .unwrap();
     assert!(m.contains("lookout_rest_requests_total 2"), "{m}");
-    assert!(m.contains("# TYPE lookout_tokens_total counter"));
+    // OpenMetrics (Prometheus' own encoder): the family's TYPE line, the sample with `_total`,
+    // and the end marker.
+    assert!(m.contains("# TYPE lookout_tokens counter"), "{m}");
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
     server.stop.take().unwrap().send(()).unwrap();
     server.task.await.unwrap();
 }

@@ -12,6 +12,7 @@
 //! The model loads on its own thread after the listener is up, so health answers at once.
 
 mod incidents;
+pub(crate) mod metrics;
 mod monitors;
 mod nodes;
 mod openai;
@@ -629,7 +630,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/whip/{id}", axum::routing::delete(whip::delete))
         .route("/v1/inference/upload", post(rest::inference_upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/inference/url", post(rest::inference_url))
-        .route("/metrics", get(rest::metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))

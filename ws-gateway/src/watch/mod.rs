@@ -279,6 +279,8 @@ pub(crate) struct Totals {
     pub(crate) refused: AtomicU64,
     /// Tokens generated.
     pub(crate) tokens: AtomicU64,
+    /// Latency histograms of the windows analysed.
+    pub(crate) latency: crate::server::metrics::Latency,
 }
 
 /// What the registry, the owner and the watch's task share.
@@ -552,13 +554,18 @@ impl Task {
                         });
                     }
                     if let Some(w) = pending {
+                        // When the window was cut (a newer one taken instead was cut about now).
+                        let (mut cut, first) = (std::time::Instant::now(), w.index);
                         let (w, reservation) = match self.reserve(w, mailbox, stop_rx).await {
                             Ok(Some(r)) => r,
                             Ok(None) => continue,
                             Err(s) => return s,
                         };
+                        if w.index != first {
+                            cut = std::time::Instant::now();
+                        }
                         last_window_end_ms = (w.end_s * 1000.0) as u64;
-                        if let Some(s) = self.window(w, reservation, stop_rx).await {
+                        if let Some(s) = self.window(w, reservation, cut, stop_rx).await {
                             return s;
                         }
                         // A window may have arrived while this one ran.
@@ -636,6 +643,7 @@ impl Task {
         &self,
         w: sampler::stream::StreamWindow,
         reservation: Reservation,
+        cut: std::time::Instant,
         stop_rx: &mut watch::Receiver<Option<Stop>>,
     ) -> Option<Stop> {
         let shared = &self.shared;
@@ -698,6 +706,7 @@ impl Task {
                     self.totals.tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
                     shared.windows.fetch_add(1, Ordering::Relaxed);
                     let (usage, timings) = (crate::server::wire_usage(usage), crate::server::wire_timings(timings));
+                    self.totals.latency.observe(&timings, usage.completion_tokens, cut.elapsed().as_secs_f64());
                     if let Some(o) = &self.observer {
                         o.window_done(WindowRecord {
                             window: w.index,

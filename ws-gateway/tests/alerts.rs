@@ -280,6 +280,7 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
     // The API: the open incident with its key frames, the deliveries.
     let (s, v) = http("GET", format!("http://{base}/v1/incidents?state=open&monitor={}", m.id), None).await;
     assert_eq!(s, 200, "{v}");
+    common::openapi::conforms("IncidentList", &v);
     let list: IncidentList = serde_json::from_value(v).unwrap();
     assert_eq!(list.incidents.len(), 1);
     let (s, v) = http("GET", format!("http://{base}/v1/incidents/{incident}"), None).await;
@@ -316,6 +317,7 @@ async fn an_alert_fires_mid_window_and_reaches_a_webhook_and_mqtt_then_clears() 
     let v: Value = serde_json::from_str(&resolved.1).unwrap();
     assert_eq!(v["incident"]["state"], "closed");
     let (_, v) = http("GET", format!("http://{base}/v1/deliveries?incident={incident}"), None).await;
+    common::openapi::conforms("DeliveryList", &v);
     let list: DeliveryList = serde_json::from_value(v).unwrap();
     let webhooks: Vec<&Delivery> = list.deliveries.iter().filter(|d| d.target.starts_with("http")).collect();
     let mqtt: Vec<&Delivery> = list.deliveries.iter().filter(|d| d.target.starts_with("mqtt:")).collect();

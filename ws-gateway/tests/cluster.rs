@@ -226,6 +226,11 @@ async fn three_nodes_share_six_monitors_fail_over_rebalance_and_relay_subscripti
     // Any node shows where each runs and how it goes.
     let (_, v) = http("GET", format!("http://{b}/v1/monitors/{}", monitors[0]), None).await;
     assert_eq!(v["node"], json!(held[&monitors[0]]), "{v}");
+    common::openapi::conforms("Monitor", &v);
+    let (_, v) = http("GET", format!("http://{b}/v1/nodes"), None).await;
+    common::openapi::conforms("Nodes", &v);
+    let (_, v) = http("GET", format!("http://{a}/v1/health"), None).await;
+    common::openapi::conforms("Health", &v);
 
     // A subscription through a node that does not run the monitor receives its tokens.
     let on_a: Vec<String> = monitors.iter().filter(|m| held[*m] == nodes[0].id()).cloned().collect();

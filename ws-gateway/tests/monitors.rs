@@ -23,6 +23,7 @@ fn monitor_body(name: &str, source: serde_json::Value, prompt: &str) -> serde_js
 async fn events(base: &str, id: &str, query: &str) -> EventPage {
     let (status, v) = http("GET", format!("http://{base}/v1/monitors/{id}/events?{query}"), None).await;
     assert_eq!(status, 200, "{v}");
+    common::openapi::conforms("EventPage", &v);
     serde_json::from_value(v).unwrap()
 }
 
@@ -42,6 +43,7 @@ async fn wait_events(base: &str, id: &str, n: usize) -> Vec<Event> {
 async fn get_monitor(base: &str, id: &str) -> Monitor {
     let (status, v) = http("GET", format!("http://{base}/v1/monitors/{id}"), None).await;
     assert_eq!(status, 200, "{v}");
+    common::openapi::conforms("Monitor", &v);
     serde_json::from_value(v).unwrap()
 }
 

@@ -124,6 +124,7 @@ async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     .await
     .unwrap();
     assert_eq!(health["model"], "tiny-tied", "{health}");
+    common::openapi::conforms("Health", &health);
     // A still image and a one-frame clip can never make a window: refused at upload.
     let dir = std::env::temp_dir().join(format!("lookout-stills-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -367,6 +368,7 @@ async fn seed_rest_endpoints_answer_in_the_seed_shapes() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{v}");
+    common::openapi::conforms("InferenceResponse", &v);
     let r: protocol::InferenceResponse = serde_json::from_value(v).unwrap();
     assert_eq!(r.usage.completion_tokens, 5);
     assert_eq!(r.finish_reason, "length");
@@ -750,4 +752,17 @@ async fn clips_are_sampled_within_the_media_budget() {
     }
     one.stop.take().unwrap().send(()).unwrap();
     one.task.await.unwrap();
+}
+
+#[test]
+fn the_openapi_check_refuses_what_the_document_does_not_say() {
+    use common::openapi::conforms;
+    let fails = |name: &str, v: serde_json::Value| std::panic::catch_unwind(|| conforms(name, &v)).is_err();
+    conforms("Health", &serde_json::json!({"status": "ready", "model": "m", "device": "cpu"}));
+    assert!(fails("Health", serde_json::json!({"status": "ready", "model": "m", "device": "cpu", "oops": 1})));
+    assert!(fails("Health", serde_json::json!({"status": "sleeping", "model": "m", "device": "cpu"})));
+    assert!(fails("Health", serde_json::json!({"status": "ready", "model": 3, "device": "cpu"})));
+    assert!(fails("EventPage", serde_json::json!({"events": []})), "next is required");
+    assert!(fails("EventPage", serde_json::json!({"events": [{"id": 1}], "next": null})), "an event lacks its fields");
+    assert!(fails("NoSuchSchema", serde_json::json!({})));
 }

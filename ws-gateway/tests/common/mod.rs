@@ -12,6 +12,7 @@ use protocol::{ClientMessage, GenerationSettings, ServerMessage, WindowSettings}
 use tokio_tungstenite::tungstenite::Message;
 use ws_gateway::server::{ServeConfig, serve};
 
+pub mod openapi;
 pub mod postgres;
 pub mod process;
 

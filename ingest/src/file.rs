@@ -79,6 +79,15 @@ pub(crate) fn open_input(path: &Path) -> Result<ff::format::context::Input, Inge
     ff::format::input(&path).map_err(|e| IngestError::NotMedia { path: path.to_owned(), reason: e.to_string() })
 }
 
+/// Reads the next packet into `packet`, giving up the one it held first. `av_read_frame`
+/// overwrites a packet without unreferencing it, so reusing one `Packet` across reads leaked
+/// every packet's buffer (about 60 KiB/s of RSS for a looped 480x270 replay, found with
+/// heaptrack); dropping the old one here unreferences it.
+pub(crate) fn read_packet(ictx: &mut ff::format::context::Input, packet: &mut ff::Packet) -> Result<(), ff::Error> {
+    *packet = ff::Packet::empty();
+    packet.read(ictx)
+}
+
 impl FileSource {
     /// Opens a file and scans its packets (no decoding) to count frames and time them.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IngestError> {
@@ -113,7 +122,7 @@ impl FileSource {
         let (mut begin, mut end) = (i64::MAX, i64::MIN);
         let mut packet = ff::Packet::empty();
         loop {
-            match packet.read(&mut ictx) {
+            match read_packet(&mut ictx, &mut packet) {
                 Ok(()) => {}
                 Err(ff::Error::Eof) => break,
                 Err(e) => {
@@ -276,7 +285,7 @@ impl DecodeJob {
         let mut at_eof = false;
         loop {
             if !at_eof {
-                match packet.read(&mut ictx) {
+                match read_packet(&mut ictx, &mut packet) {
                     Ok(()) => {
                         if packet.stream() != src.stream_index {
                             continue;

@@ -129,7 +129,7 @@ fn run(
         let mut eof = false;
         loop {
             if !eof {
-                match packet.read(&mut ictx) {
+                match crate::file::read_packet(&mut ictx, &mut packet) {
                     Ok(()) if packet.stream() == index => {
                         let _ = decoder.send_packet(&packet);
                     }

@@ -80,10 +80,7 @@ impl Store {
     /// Starts this node afresh: gives up any lease an earlier run under the same id still holds
     /// (what it ran is claimed again, with a new generation), and registers it.
     pub async fn join(&self, address: &str, capacity: u32) -> Result<(), StoreError> {
-        let (pool, f) = self.cluster("joining")?;
-        f.drop_all();
-        sqlx::query("UPDATE leases SET expires_ms = 0 WHERE node_id = $1").bind(f.node()).execute(pool).await?;
-        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(f.node()).execute(pool).await?;
+        self.leave().await?;
         self.heartbeat(address, capacity).await
     }
 

@@ -341,12 +341,15 @@ fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, Store
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+/// The words of a history search (none: no search).
+fn search_words(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect()
+}
+
 /// The FTS5 query for "all of these words": each word quoted as a phrase, so that no input is a
 /// syntax error and operators in the input are plain words.
-fn fts_query(text: &str) -> Option<String> {
-    let words: Vec<String> =
-        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| format!("\"{w}\"")).collect();
-    (!words.is_empty()).then(|| words.join(" "))
+fn fts_query(words: &[&str]) -> String {
+    words.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(" ")
 }
 
 const EVENT_COLUMNS: &str = "id, monitor_id, window_id, start_s, end_s, started_ms, prompt, text, finish_reason, \
@@ -650,24 +653,24 @@ impl Store {
             params.push(p);
             format!("${}", params.len())
         };
-        let search = q.text.as_deref().and_then(fts_query);
+        let words = q.text.as_deref().map(search_words).filter(|w| !w.is_empty());
         // Ordered by the index that drives the query, so that the planner walks it.
-        let (from, order) = match (&self.db, search) {
-            (Db::Sqlite(_), Some(search)) => (
+        let (from, order) = match (&self.db, words) {
+            (Db::Sqlite(_), Some(words)) => (
                 format!(
                     "events_fts f JOIN events e ON e.id = f.rowid WHERE events_fts MATCH {} AND",
-                    arg(Param::Text(search))
+                    arg(Param::Text(fts_query(&words)))
                 ),
                 "f.rowid",
             ),
-            (Db::Postgres(_), Some(search)) => {
-                // The quoted words, unquoted again: plainto_tsquery takes any text and ANDs its words.
-                let words = search.replace('"', "");
-                (
-                    format!("events e WHERE e.search @@ plainto_tsquery('simple', {}) AND", arg(Param::Text(words))),
-                    "e.id",
-                )
-            }
+            (Db::Postgres(_), Some(words)) => (
+                // plainto_tsquery takes any text and ANDs its words.
+                format!(
+                    "events e WHERE e.search @@ plainto_tsquery('simple', {}) AND",
+                    arg(Param::Text(words.join(" ")))
+                ),
+                "e.id",
+            ),
             (_, None) => ("events e WHERE".to_owned(), "e.id"),
         };
         let mut sql = format!("SELECT {columns} FROM {from} e.monitor_id = {}", arg(Param::Text(q.monitor.clone())));

@@ -107,22 +107,46 @@ impl Store {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(
-            "WITH free AS (SELECT m.id FROM monitors m LEFT JOIN leases l ON l.monitor_id = m.id \
-             WHERE m.enabled AND (l.monitor_id IS NULL OR l.expires_ms <= lookout_now_ms()) \
-             ORDER BY m.created_ms, m.id LIMIT $2 FOR NO KEY UPDATE OF m SKIP LOCKED) \
-             INSERT INTO leases (monitor_id, node_id, generation, claimed_ms, expires_ms) \
-             SELECT id, $1, 1, lookout_now_ms(), lookout_now_ms() + $3 FROM free \
-             ON CONFLICT (monitor_id) DO UPDATE SET node_id = excluded.node_id, generation = leases.generation + 1, \
-             claimed_ms = excluded.claimed_ms, expires_ms = excluded.expires_ms \
-             WHERE leases.expires_ms <= lookout_now_ms() RETURNING monitor_id, generation",
-        )
-        .bind(f.node())
-        .bind(i64::from(n))
-        .bind(lease_ms)
-        .fetch_all(pool)
-        .await?;
-        let got = leases(&rows)?;
+        // One statement locks free monitors (skipping those another node is claiming) and
+        // takes their leases. Its snapshot of the leases is from its start, so a monitor that
+        // another node claimed and committed meanwhile is locked here but its lease is live:
+        // the upsert's condition refuses it. Such a round took fewer than it found, and the
+        // next round, with a fresh snapshot, looks again (bounded: each lost race means another
+        // node took a monitor).
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            let want = n as usize - got.len();
+            let rows = sqlx::query(
+                "WITH free AS (SELECT m.id FROM monitors m LEFT JOIN leases l ON l.monitor_id = m.id \
+                 WHERE m.enabled AND (l.monitor_id IS NULL OR l.expires_ms <= lookout_now_ms()) \
+                 ORDER BY m.created_ms, m.id LIMIT $2 FOR NO KEY UPDATE OF m SKIP LOCKED), \
+                 took AS (INSERT INTO leases (monitor_id, node_id, generation, claimed_ms, expires_ms) \
+                 SELECT id, $1, 1, lookout_now_ms(), lookout_now_ms() + $3 FROM free \
+                 ON CONFLICT (monitor_id) DO UPDATE SET node_id = excluded.node_id, \
+                 generation = leases.generation + 1, claimed_ms = excluded.claimed_ms, \
+                 expires_ms = excluded.expires_ms WHERE leases.expires_ms <= lookout_now_ms() \
+                 RETURNING monitor_id, generation) \
+                 SELECT t.monitor_id, t.generation, (SELECT count(*) FROM free) AS found \
+                 FROM (SELECT 1) one LEFT JOIN took t ON true",
+            )
+            .bind(f.node())
+            .bind(want as i64)
+            .bind(lease_ms)
+            .fetch_all(pool)
+            .await?;
+            let mut found = 0;
+            let mut took = 0;
+            for r in &rows {
+                found = r.try_get::<i64, _>("found")?;
+                if let Some(monitor) = r.try_get::<Option<String>, _>("monitor_id")? {
+                    took += 1;
+                    got.push(Lease { monitor, generation: r.try_get("generation")? });
+                }
+            }
+            if took >= found || got.len() >= n as usize {
+                break;
+            }
+        }
         for l in &got {
             f.hold(&l.monitor, l.generation);
         }

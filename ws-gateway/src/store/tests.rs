@@ -316,6 +316,37 @@ async fn a_node_writes_only_while_it_holds_the_lease_and_claims_never_overlap() 
     assert_eq!(a.renew(60_000).await.unwrap().len(), 6);
 }
 
+/// Claims racing on the same free monitors. Each claim's snapshot of the leases is taken when it
+/// starts; with 20,000 monitors to sort, a claim often starts before another commits and locks
+/// the rows after it: it sees leases free that were just taken. Such a round looks again, so
+/// every node gets all it asked for, and no monitor is taken twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_get_what_they_ask_and_never_overlap() {
+    let p = Place::postgres();
+    let nodes = [p.open_as("a").await, p.open_as("b").await, p.open_as("c").await];
+    nodes[0].create_monitor(&monitor("m", "camera")).await.unwrap();
+    let db = p.url.as_deref().unwrap().rsplit('/').next().unwrap();
+    postgres::shared().psql(
+        db,
+        "INSERT INTO monitors SELECT 'm' || i, 'camera ' || i, source, prompt, \"window\", generation, enabled, \
+         retention, created_ms + i, updated_ms FROM monitors, generate_series(1, 20000) i WHERE id = 'm'",
+    );
+    for round in 0..10 {
+        let [a, b, c] = &nodes;
+        let (ga, gb, gc) = tokio::join!(a.claim(10, 60_000), b.claim(10, 60_000), c.claim(10, 60_000));
+        let got = [ga.unwrap(), gb.unwrap(), gc.unwrap()];
+        assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 10], "round {round}");
+        let mut all: Vec<&str> = got.iter().flatten().map(|l| l.monitor.as_str()).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 30, "round {round}: a monitor was taken twice");
+        for n in &nodes {
+            n.leave().await.unwrap();
+            n.heartbeat("http://127.0.0.1:1", 100).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn each_outbox_row_is_claimed_by_one_node() {
     let p = Place::postgres();

@@ -208,6 +208,7 @@ fn main() {
         device: DeviceChoice::Cpu,
         dtype: candle_core::DType::F32,
         queue: 4,
+        vision_cache_bytes: 64 << 20,
     })
     .unwrap();
     let mut rates: Vec<(&str, Vec<f64>)> =

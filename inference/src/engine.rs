@@ -1,13 +1,14 @@
 //! The engine: one thread owns the model; requests arrive through a bounded queue; each request
 //! gets its own stream of events. Dropping that stream cancels the request and frees its KV cache.
 
+use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use candle_nn::VarBuilder;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -18,6 +19,7 @@ use crate::device::DeviceChoice;
 use crate::files::{GenerationConfig, ModelFiles};
 use crate::model::Qwen3VL;
 use crate::processor::{Message, Processor, TokenStream, VideoMeta};
+use crate::reuse::VisionCache;
 use crate::sampling::{Sampler, SamplingParams};
 
 /// How to load a model.
@@ -31,6 +33,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Requests that may wait in the queue.
     pub queue: usize,
+    /// Bytes of encoded frame pairs kept for overlapping windows (0: no reuse).
+    pub vision_cache_bytes: usize,
 }
 
 /// One video of a request: the sampler's output.
@@ -73,6 +77,12 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Requests that failed.
     pub failed: AtomicU64,
+    /// Frame pairs whose vision features came from the reuse cache.
+    pub vision_reused: AtomicU64,
+    /// Frame pairs the vision tower encoded.
+    pub vision_encoded: AtomicU64,
+    /// Bytes the reuse cache holds now.
+    pub vision_cache_bytes: AtomicU64,
 }
 
 /// A request to the engine.
@@ -224,6 +234,8 @@ struct Worker {
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
     grammars: Arc<LazyGrammars>,
+    /// Encoded frame pairs of recent windows; only this thread touches it.
+    vision_cache: RefCell<VisionCache>,
 }
 
 type Ready = Result<(Arc<EngineInfo>, Arc<Processor>, Arc<LazyGrammars>), Error>;
@@ -357,7 +369,8 @@ impl Worker {
             cfg.text_config.vocab_size,
             eos.clone(),
         ));
-        Ok((Worker { model, processor, eos, stats, grammars }, info))
+        let vision_cache = RefCell::new(VisionCache::new(opts.vision_cache_bytes));
+        Ok((Worker { model, processor, eos, stats, grammars, vision_cache }, info))
     }
 
     fn run(self, jobs: Receiver<Job>) {
@@ -380,7 +393,11 @@ impl Worker {
                     None
                 }
                 Ok(Err(e)) => Some(e),
-                Err(_) => Some(Error::Model("the engine hit an internal error on this request".into())),
+                Err(_) => {
+                    // A panic may have left the reuse cache half-updated.
+                    self.vision_cache.borrow_mut().clear();
+                    Some(Error::Model("the engine hit an internal error on this request".into()))
+                }
             };
             if let Some(error) = error {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -426,8 +443,22 @@ impl Worker {
             } else {
                 videos.into_iter().flat_map(|v| v.pixel_values).collect()
             };
-            let pv = Tensor::from_vec(data, (rows, 1536), device)?;
-            Some(self.model.encode_video(&pv, &grids)?)
+            debug_assert_eq!(data.len(), rows * 1536);
+            let mut cache = self.vision_cache.borrow_mut();
+            let encoded = cache.encode(&self.model.vision, device, &data, &grids);
+            match encoded {
+                Ok((out, count)) => {
+                    self.stats.vision_reused.fetch_add(count.hits as u64, Ordering::Relaxed);
+                    self.stats.vision_encoded.fetch_add(count.misses as u64, Ordering::Relaxed);
+                    self.stats.vision_cache_bytes.store(cache.bytes() as u64, Ordering::Relaxed);
+                    Some(out)
+                }
+                Err(e) => {
+                    cache.clear();
+                    self.stats.vision_cache_bytes.store(0, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            }
         };
         let vision_ms = ms(t0.elapsed());
         if events.is_closed() {

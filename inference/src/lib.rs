@@ -10,6 +10,8 @@
 //!   timestamps, tokenizes and computes 3-D positions ([`positions`]).
 //! - [`answer`] constrains answers while decoding (a choice, a regex, a JSON schema) with
 //!   llguidance and reports when an answer is decided.
+//! - [`reuse::VisionCache`] keeps each frame pair's vision features for the overlapping
+//!   windows that contain it again.
 //! - [`engine::Engine`] owns a loaded model on its own thread and streams [`engine::EngineEvent`]s
 //!   for each request.
 //!
@@ -28,6 +30,7 @@ pub mod model;
 mod ops;
 pub mod positions;
 pub mod processor;
+pub mod reuse;
 pub mod sampling;
 pub mod text;
 pub mod vision;

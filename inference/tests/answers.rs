@@ -17,6 +17,7 @@ fn engine() -> Engine {
         device: DeviceChoice::Cpu,
         dtype: candle_core::DType::F32,
         queue: 4,
+        vision_cache_bytes: 64 << 20,
     })
     .unwrap()
 }

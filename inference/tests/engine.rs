@@ -15,6 +15,7 @@ fn engine(name: &str, queue: usize) -> Engine {
         device: DeviceChoice::Cpu,
         dtype: candle_core::DType::F32,
         queue,
+        vision_cache_bytes: 64 << 20,
     })
     .unwrap()
 }
@@ -67,6 +68,8 @@ fn streams_tokens_that_add_up_to_the_answer() {
     assert!(captured);
 }
 
+/// The reference's video, twice: the second time every frame pair comes from the reuse cache,
+/// and the prefill logits and tokens are the same bit for bit (and the reference's tokens).
 #[test]
 fn video_request_matches_reference() {
     let e = engine("tiny-tied", 4);
@@ -75,16 +78,28 @@ fn video_request_matches_reference() {
     let r = Reference::load("tiny-tied", "video_system_vp9");
     let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
     let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
-    let mut rx = e.submit(Request { messages: messages(case), videos: vec![video], generation: greedy(16) }).unwrap();
-    while let Some(ev) = rx.blocking_recv() {
-        if let EngineEvent::Done { token_ids, .. } = ev {
-            let ids: Vec<i64> = token_ids.iter().map(|&i| i as i64).collect();
-            assert_eq!(ids, r.ids("generated"));
-            return;
-        }
-        assert!(!matches!(ev, EngineEvent::Failed { .. }), "{ev:?}");
+    let pairs = r.grid()[0] as u64;
+    let mut runs = Vec::new();
+    for run in 0..2 {
+        let request = Request { messages: messages(case), videos: vec![video.clone()], generation: greedy(16) };
+        let mut rx = e.submit(request).unwrap();
+        let mut prefill = Vec::new();
+        let ids = loop {
+            match rx.blocking_recv().expect("no Done event") {
+                EngineEvent::Captured { logits, .. } => prefill = logits.iter().map(|v| v.to_bits()).collect(),
+                EngineEvent::Done { token_ids, .. } => break token_ids,
+                ev => assert!(!matches!(ev, EngineEvent::Failed { .. }), "{ev:?}"),
+            }
+        };
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(ids, r.ids("generated"), "run {run}");
+        let reused = e.stats().vision_reused.load(std::sync::atomic::Ordering::Relaxed);
+        let encoded = e.stats().vision_encoded.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((reused, encoded), (run * pairs, pairs), "run {run}");
+        runs.push(prefill);
     }
-    panic!("no Done event");
+    assert!(!runs[0].is_empty() && runs[0] == runs[1], "the reused pairs changed the prefill logits");
+    assert!(e.stats().vision_cache_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
 
 #[test]

@@ -124,6 +124,10 @@ struct ServeArgs {
     /// model; a clip that needs more is refused (413) [default: 2048].
     #[arg(long, env = "LOOKOUT_MEDIA_BUDGET_MB")]
     media_budget_mb: Option<u64>,
+    /// MiB of encoded frame pairs the engine keeps for overlapping windows (on the model's
+    /// device); 0 encodes every window whole [default: 512].
+    #[arg(long, env = "LOOKOUT_VISION_CACHE_MB")]
+    vision_cache_mb: Option<u64>,
     /// A PostgreSQL database that several nodes share: postgres://user:password@host/db. Without
     /// it, the node keeps its own SQLite database under --data-dir (then a directory every node
     /// shares, for uploads, thumbnails and evidence clips).
@@ -188,6 +192,7 @@ impl ServeArgs {
             webhook_retry_s: self.webhook_retry_s.or(f.webhook_retry_s),
             mqtt_url: self.mqtt_url.or(f.mqtt_url),
             media_budget_mb: self.media_budget_mb.or(f.media_budget_mb),
+            vision_cache_mb: self.vision_cache_mb.or(f.vision_cache_mb),
             database: self.database.or(f.database),
             node_id: self.node_id.or(f.node_id),
             node_address: self.node_address.or(f.node_address),
@@ -325,6 +330,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         webrtc,
         alerts,
         media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
+        vision_cache_mb: args.vision_cache_mb.unwrap_or(d.vision_cache_mb),
         cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
@@ -529,6 +535,7 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         device: args.device.parse()?,
         dtype: inference::parse_dtype(&args.dtype)?,
         queue: 1,
+        vision_cache_bytes: 0,
     })?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {

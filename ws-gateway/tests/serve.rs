@@ -766,3 +766,72 @@ fn the_openapi_check_refuses_what_the_document_does_not_say() {
     assert!(fails("EventPage", serde_json::json!({"events": [{"id": 1}], "next": null})), "an event lacks its fields");
     assert!(fails("NoSuchSchema", serde_json::json!({})));
 }
+
+/// Sliding windows (2 s, a stride of 1 s at 4 fps: two of each window's four frame pairs were
+/// in the window before) reuse those pairs' vision features, and say exactly what the same
+/// windows say when every window is encoded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_windows_reuse_frame_pairs_and_say_the_same() {
+    let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
+    let mut said = Vec::new();
+    for cache_mb in [512, 0] {
+        let mut server = start_server(|c| c.vision_cache_mb = cache_mb).await;
+        let (status, body) = upload(&server.base, clip.clone(), None).await;
+        assert_eq!(status, 201, "{body}");
+        let id = body["id"].as_str().unwrap().to_owned();
+        let mut ws = connect(&server.base).await;
+        let mut start = start_msg(&id, "What happens?");
+        if let ClientMessage::Start { source, window, .. } = &mut start {
+            *source = Source::Upload { id: id.clone(), speed: Some(1.0), looped: Some(false) };
+            *window = Some(WindowSettings {
+                seconds: Some(2.0),
+                stride_seconds: Some(1.0),
+                fps: Some(4.0),
+                min_pixels: Some(4096),
+                max_pixels: Some(16384),
+            });
+        }
+        send(&mut ws, &start).await;
+        let mut texts = std::collections::BTreeMap::new();
+        let mut starts = std::collections::HashMap::new();
+        loop {
+            match recv(&mut ws).await {
+                ServerMessage::Window { id, start_s, grid_thw, .. } => {
+                    assert_eq!(grid_thw[0], 4);
+                    starts.insert(id, format!("{start_s:.2}"));
+                }
+                ServerMessage::WindowDone { window, text, .. } => {
+                    texts.insert(starts[&window].clone(), text);
+                }
+                ServerMessage::Ended { reason, .. } => {
+                    assert_eq!(reason, EndReason::EndOfStream);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let (_, metrics) = bytes(format!("http://{}/metrics", server.base)).await;
+        let metrics = String::from_utf8(metrics).unwrap();
+        let value = |name: &str| -> u64 {
+            metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
+        };
+        let (reused, encoded) =
+            (value("lookout_vision_pairs_reused_total"), value("lookout_vision_pairs_encoded_total"));
+        if cache_mb > 0 {
+            assert!(texts.len() >= 2, "{texts:?}");
+            assert!(reused >= 2, "reused {reused}, encoded {encoded}: {metrics}");
+            assert!(value("lookout_vision_cache_bytes") > 0);
+        } else {
+            assert_eq!(reused, 0);
+            assert_eq!(value("lookout_vision_cache_bytes"), 0);
+        }
+        said.push(texts);
+        server.stop.take().unwrap().send(()).unwrap();
+        server.task.await.unwrap();
+    }
+    let common: Vec<_> = said[0].keys().filter(|k| said[1].contains_key(*k)).collect();
+    assert!(!common.is_empty(), "{said:?}");
+    for k in common {
+        assert_eq!(said[0][k], said[1][k], "the window at {k} s");
+    }
+}

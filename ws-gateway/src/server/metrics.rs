@@ -180,6 +180,17 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
         s.counter("lookout_engine_completed", "Engine requests completed.", load(&e.completed));
         s.counter("lookout_engine_cancelled", "Engine requests cancelled by their client.", load(&e.cancelled));
         s.counter("lookout_engine_failed", "Engine requests that failed.", load(&e.failed));
+        s.counter(
+            "lookout_vision_pairs_reused",
+            "Frame pairs whose vision features came from the reuse cache (overlapping windows).",
+            load(&e.vision_reused),
+        );
+        s.counter("lookout_vision_pairs_encoded", "Frame pairs the vision tower encoded.", load(&e.vision_encoded));
+        s.gauge(
+            "lookout_vision_cache_bytes",
+            "Bytes of vision features the reuse cache holds.",
+            load(&e.vision_cache_bytes),
+        );
     }
     let l = &w.latency;
     s.histograms = vec![

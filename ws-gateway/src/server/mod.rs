@@ -82,6 +82,8 @@ pub struct ServeConfig {
     /// MiB that clips being sampled, and sampled clips waiting for the model, may take in all
     /// (REST and chat requests; each reserves its estimate before decoding).
     pub media_budget_mb: u64,
+    /// MiB of encoded frame pairs kept for overlapping windows (0: none).
+    pub vision_cache_mb: u64,
     /// Several nodes sharing a PostgreSQL database; one node with its own SQLite without.
     pub cluster: Option<SharedDatabase>,
 }
@@ -239,6 +241,7 @@ impl Default for ServeConfig {
             webrtc: WebrtcConfig::default(),
             alerts: AlertConfig::default(),
             media_budget_mb: 2048,
+            vision_cache_mb: 512,
             cluster: None,
         }
     }
@@ -721,6 +724,7 @@ pub async fn serve_announced(
             device: loader.config.device,
             dtype: loader.config.dtype,
             queue: loader.config.engine_queue,
+            vision_cache_bytes: usize::try_from(loader.config.vision_cache_mb << 20).unwrap_or(usize::MAX),
         });
         let next = match result {
             Ok(engine) => ModelState::Ready(engine),

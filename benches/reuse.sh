@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Vision reuse across sliding windows: vision time per window with the reuse cache against every
+# window encoded whole, same pixels, same run (outputs checked equal bit for bit).
+#
+#   benches/reuse.sh [tiny|small|2b] [cpu|cuda]
+#
+# `tiny` is the committed fixture; `small` and `2b` are made with tools/reference/make_bench_model.py
+# (random weights). Environment: LOOKOUT_BENCH_WINDOW_PAIRS (4), LOOKOUT_BENCH_STRIDE_PAIRS (1),
+# LOOKOUT_BENCH_WINDOWS (12), LOOKOUT_BENCH_SIDE (448), LOOKOUT_BENCH_DTYPE (f32).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+shape=${1:-small}
+device=${2:-cpu}
+if [ "$shape" = tiny ]; then
+  model=$PWD/fixtures/models/tiny-tied
+else
+  mkdir -p .bench
+  model=$PWD/.bench/$shape-model
+  [ -f "$model/model.safetensors" ] || tools/reference/run.sh make_bench_model.py "$model" "$shape" >/dev/null
+fi
+features=()
+[ "$device" = cpu ] || features=(--features cuda)
+LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device cargo bench -q --locked -p inference "${features[@]}" --bench reuse

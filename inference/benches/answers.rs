@@ -209,6 +209,7 @@ fn main() {
         dtype: candle_core::DType::F32,
         queue: 4,
         vision_cache_bytes: 64 << 20,
+        kv_cache_bytes: 256 << 20,
     })
     .unwrap();
     let mut rates: Vec<(&str, Vec<f64>)> =

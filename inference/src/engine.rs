@@ -35,6 +35,9 @@ pub struct LoadOptions {
     pub queue: usize,
     /// Bytes of encoded frame pairs kept for overlapping windows (0: no reuse).
     pub vision_cache_bytes: usize,
+    /// Bytes of KV cache a request may take: its prompt and `max_tokens` must fit, or it is
+    /// refused before any work with what to change.
+    pub kv_cache_bytes: usize,
 }
 
 /// One video of a request: the sampler's output.
@@ -83,6 +86,10 @@ pub struct EngineStats {
     pub vision_encoded: AtomicU64,
     /// Bytes the reuse cache holds now.
     pub vision_cache_bytes: AtomicU64,
+    /// Requests being served now (0 or 1: one at a time).
+    pub running: AtomicU64,
+    /// Bytes of KV cache allocated now.
+    pub kv_cache_bytes: AtomicU64,
 }
 
 /// A request to the engine.
@@ -236,6 +243,7 @@ struct Worker {
     grammars: Arc<LazyGrammars>,
     /// Encoded frame pairs of recent windows; only this thread touches it.
     vision_cache: RefCell<VisionCache>,
+    kv_budget: usize,
 }
 
 type Ready = Result<(Arc<EngineInfo>, Arc<Processor>, Arc<LazyGrammars>), Error>;
@@ -272,6 +280,11 @@ impl Engine {
     /// What the engine has done so far.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Requests waiting in the queue now (not yet taken by the engine thread).
+    pub fn waiting(&self) -> usize {
+        self.queue.saturating_sub(self.places.available_permits())
     }
 
     /// Facts about the loaded model.
@@ -370,7 +383,7 @@ impl Worker {
             eos.clone(),
         ));
         let vision_cache = RefCell::new(VisionCache::new(opts.vision_cache_bytes));
-        Ok((Worker { model, processor, eos, stats, grammars, vision_cache }, info))
+        Ok((Worker { model, processor, eos, stats, grammars, vision_cache, kv_budget: opts.kv_cache_bytes }, info))
     }
 
     fn run(self, jobs: Receiver<Job>) {
@@ -382,7 +395,10 @@ impl Worker {
                 continue; // cancelled while queued
             }
             let events = job.events.clone();
+            self.stats.running.store(1, Ordering::Relaxed);
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(job)));
+            self.stats.running.store(0, Ordering::Relaxed);
+            self.stats.kv_cache_bytes.store(0, Ordering::Relaxed);
             let error = match outcome {
                 Ok(Ok(())) if events.is_closed() => {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -416,6 +432,20 @@ impl Worker {
         let metas: Vec<VideoMeta> =
             videos.iter().map(|v| VideoMeta { grid_thw: v.grid_thw, timestamps: v.timestamps.clone() }).collect();
         let prompt = self.processor.prepare(&messages, &metas)?;
+        let kv_tokens = prompt.ids.len() + generation.max_tokens;
+        let kv_need = kv_tokens.saturating_mul(self.model.kv_bytes_per_token());
+        if kv_need > self.kv_budget {
+            let mib = |b: usize| b.div_ceil(1 << 20);
+            return Err(Error::Input(format!(
+                "this request needs {} MiB of KV cache ({} prompt tokens + max_tokens {}) but the engine's \
+                 budget is {} MiB: lower max_tokens, the window's fps or max_pixels (fewer visual tokens), or \
+                 raise --kv-cache-mb",
+                mib(kv_need),
+                prompt.ids.len(),
+                generation.max_tokens,
+                mib(self.kv_budget)
+            )));
+        }
         let device = self.model.device();
 
         // Vision: all videos of the request in one pass. The pixel data is moved, not copied, when
@@ -467,9 +497,12 @@ impl Worker {
 
         let t1 = Instant::now();
         let mut cache = self.model.new_cache();
+        // Room for the prompt and a typical answer at once; longer answers grow it.
+        cache.reserve(prompt.ids.len() + generation.max_tokens.min(512));
         let logits = self.model.prefill(&prompt.ids, &prompt.kinds, &prompt.positions, vision.as_ref(), &mut cache)?;
         let mut logits: Vec<f32> = logits.to_vec1()?;
         let prefill_ms = ms(t1.elapsed());
+        self.stats.kv_cache_bytes.store(cache.bytes() as u64, Ordering::Relaxed);
         if generation.capture {
             let _ = events.send(EngineEvent::Captured { input_ids: prompt.ids.clone(), logits: logits.clone() });
         }
@@ -558,6 +591,7 @@ impl Worker {
                 break;
             }
             logits = self.model.decode(token, position, &mut cache)?.to_vec1()?;
+            self.stats.kv_cache_bytes.store(cache.bytes() as u64, Ordering::Relaxed);
         }
         if finish == FinishReason::Length || !stops.hit {
             let mut rest = stream.flush()?.unwrap_or_default();

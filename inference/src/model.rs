@@ -55,6 +55,12 @@ impl Qwen3VL {
         KvCache::new(self.text.num_layers())
     }
 
+    /// Bytes of KV cache one token takes (keys and values of every layer, in the model dtype).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let t = &self.cfg.text_config;
+        t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim() * self.dtype.size_in_bytes()
+    }
+
     /// Encodes video patch rows (`rows x 1536`) for the given grids.
     pub fn encode_video(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<VisionOutput> {
         self.vision.forward(&pixel_values.to_device(&self.device)?, grids)

@@ -14,17 +14,30 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     cap: usize,
+    /// Tokens to allocate room for at the first append (0: grow as needed).
+    reserve: usize,
 }
 
 impl KvCache {
     /// An empty cache for `layers` decoder layers.
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![None; layers], len: 0, cap: 0 }
+        KvCache { layers: vec![None; layers], len: 0, cap: 0, reserve: 0 }
     }
 
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Allocates room for `tokens` at once when the first tokens arrive, instead of growing by
+    /// copies (a request knows its prompt and roughly how long it answers).
+    pub fn reserve(&mut self, tokens: usize) {
+        self.reserve = tokens;
+    }
+
+    /// Bytes the cache has allocated (keys and values of every layer, its whole capacity).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
 
     /// True when nothing is cached.
@@ -46,7 +59,11 @@ impl KvCache {
         let n = k.dim(2)?;
         let need = self.len + n;
         if need > self.cap {
-            let cap = need.max(self.cap * 2).max(256).next_multiple_of(256);
+            let cap = if self.cap == 0 && self.reserve >= need {
+                self.reserve
+            } else {
+                need.max(self.cap * 2).max(256).next_multiple_of(256)
+            };
             for slot in self.layers.iter_mut().flatten() {
                 let (ok, ov) = slot;
                 let grow = |t: &Tensor| -> Result<Tensor> {

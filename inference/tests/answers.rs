@@ -18,6 +18,7 @@ fn engine() -> Engine {
         dtype: candle_core::DType::F32,
         queue: 4,
         vision_cache_bytes: 64 << 20,
+        kv_cache_bytes: 256 << 20,
     })
     .unwrap()
 }

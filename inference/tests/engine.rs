@@ -10,12 +10,17 @@ use inference::sampling::SamplingParams;
 use inference::{DeviceChoice, Engine, GenerationParams, LoadOptions, Request, VideoInput};
 
 fn engine(name: &str, queue: usize) -> Engine {
+    engine_with_kv(name, queue, 256 << 20)
+}
+
+fn engine_with_kv(name: &str, queue: usize, kv_cache_bytes: usize) -> Engine {
     Engine::load(LoadOptions {
         model: model_dir(name).to_str().unwrap().into(),
         device: DeviceChoice::Cpu,
         dtype: candle_core::DType::F32,
         queue,
         vision_cache_bytes: 64 << 20,
+        kv_cache_bytes,
     })
     .unwrap()
 }
@@ -183,4 +188,48 @@ fn dropping_the_receiver_cancels_and_the_queue_is_bounded() {
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(e.stats().cancelled.load(Relaxed), 2, "one cancelled while generating, one while queued");
     assert_eq!(e.stats().completed.load(Relaxed), 1);
+}
+
+/// A request whose prompt and `max_tokens` need more KV cache than the budget is refused before
+/// any work, saying what to change; one that fits exactly is served, and the engine goes on.
+#[test]
+fn requests_beyond_the_kv_budget_are_refused_with_what_to_change() {
+    let all = cases();
+    let case = &all["models"]["tiny-tied"][1];
+    let r = Reference::load("tiny-tied", "video_system_vp9");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir("tiny-tied").join("config.json")).unwrap()).unwrap();
+    let t = &cfg["text_config"];
+    let per_token = ["num_hidden_layers", "num_key_value_heads", "head_dim"]
+        .iter()
+        .map(|k| t[*k].as_u64().unwrap() as usize)
+        .product::<usize>()
+        * 2
+        * 4; // keys and values, f32
+    let tokens = r.ids("input_ids").len() + 16;
+    let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
+    let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
+    let outcome = |e: &Engine| {
+        let request = Request { messages: messages(case), videos: vec![video.clone()], generation: greedy(16) };
+        let mut rx = e.submit(request).unwrap();
+        loop {
+            match rx.blocking_recv().expect("no end") {
+                EngineEvent::Done { token_ids, .. } => break Ok(token_ids),
+                EngineEvent::Failed { error } => break Err(error.to_string()),
+                _ => {}
+            }
+        }
+    };
+    let tight = engine_with_kv("tiny-tied", 2, tokens * per_token - 1);
+    let error = outcome(&tight).unwrap_err();
+    for needle in ["KV cache", "max_tokens 16", "--kv-cache-mb", "max_pixels"] {
+        assert!(error.contains(needle), "{needle:?} missing in {error}");
+    }
+    assert_eq!(tight.stats().vision_encoded.load(std::sync::atomic::Ordering::Relaxed), 0, "refused before any work");
+    let exact = engine_with_kv("tiny-tied", 2, tokens * per_token);
+    let ids: Vec<i64> = outcome(&exact).unwrap().iter().map(|&i| i as i64).collect();
+    assert_eq!(ids, r.ids("generated"));
+    assert_eq!(exact.stats().running.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(exact.stats().kv_cache_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "freed after the request");
+    assert_eq!(exact.waiting(), 0);
 }

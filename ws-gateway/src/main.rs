@@ -128,6 +128,10 @@ struct ServeArgs {
     /// device); 0 encodes every window whole [default: 512].
     #[arg(long, env = "LOOKOUT_VISION_CACHE_MB")]
     vision_cache_mb: Option<u64>,
+    /// MiB of KV cache one request may take (its prompt plus max_tokens); a request that needs
+    /// more is refused with what to change [default: 4096].
+    #[arg(long, env = "LOOKOUT_KV_CACHE_MB")]
+    kv_cache_mb: Option<u64>,
     /// A PostgreSQL database that several nodes share: postgres://user:password@host/db. Without
     /// it, the node keeps its own SQLite database under --data-dir (then a directory every node
     /// shares, for uploads, thumbnails and evidence clips).
@@ -193,6 +197,7 @@ impl ServeArgs {
             mqtt_url: self.mqtt_url.or(f.mqtt_url),
             media_budget_mb: self.media_budget_mb.or(f.media_budget_mb),
             vision_cache_mb: self.vision_cache_mb.or(f.vision_cache_mb),
+            kv_cache_mb: self.kv_cache_mb.or(f.kv_cache_mb),
             database: self.database.or(f.database),
             node_id: self.node_id.or(f.node_id),
             node_address: self.node_address.or(f.node_address),
@@ -331,6 +336,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         alerts,
         media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
         vision_cache_mb: args.vision_cache_mb.unwrap_or(d.vision_cache_mb),
+        kv_cache_mb: args.kv_cache_mb.unwrap_or(d.kv_cache_mb).max(1),
         cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
@@ -536,6 +542,7 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         dtype: inference::parse_dtype(&args.dtype)?,
         queue: 1,
         vision_cache_bytes: 0,
+        kv_cache_bytes: usize::MAX,
     })?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {

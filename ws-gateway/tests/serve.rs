@@ -813,10 +813,16 @@ async fn overlapping_windows_reuse_frame_pairs_and_say_the_same() {
         let (_, metrics) = bytes(format!("http://{}/metrics", server.base)).await;
         let metrics = String::from_utf8(metrics).unwrap();
         let value = |name: &str| -> u64 {
-            metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
+            let line = metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} ")));
+            line.unwrap_or_else(|| panic!("no {name} in {metrics}")).trim().parse().unwrap()
         };
         let (reused, encoded) =
             (value("lookout_vision_pairs_reused_total"), value("lookout_vision_pairs_encoded_total"));
+        // The engine's gauges: idle now, nothing allocated, the budget as configured.
+        assert_eq!(value("lookout_engine_requests_running"), 0);
+        assert_eq!(value("lookout_engine_requests_waiting"), 0);
+        assert_eq!(value("lookout_kv_cache_bytes"), 0);
+        assert_eq!(value("lookout_kv_cache_budget_bytes"), 4096 << 20);
         if cache_mb > 0 {
             assert!(texts.len() >= 2, "{texts:?}");
             assert!(reused >= 2, "reused {reused}, encoded {encoded}: {metrics}");

@@ -84,6 +84,8 @@ pub struct ServeConfig {
     pub media_budget_mb: u64,
     /// MiB of encoded frame pairs kept for overlapping windows (0: none).
     pub vision_cache_mb: u64,
+    /// MiB of KV cache one request may take.
+    pub kv_cache_mb: u64,
     /// Several nodes sharing a PostgreSQL database; one node with its own SQLite without.
     pub cluster: Option<SharedDatabase>,
 }
@@ -242,6 +244,7 @@ impl Default for ServeConfig {
             alerts: AlertConfig::default(),
             media_budget_mb: 2048,
             vision_cache_mb: 512,
+            kv_cache_mb: 4096,
             cluster: None,
         }
     }
@@ -725,6 +728,7 @@ pub async fn serve_announced(
             dtype: loader.config.dtype,
             queue: loader.config.engine_queue,
             vision_cache_bytes: usize::try_from(loader.config.vision_cache_mb << 20).unwrap_or(usize::MAX),
+            kv_cache_bytes: usize::try_from(loader.config.kv_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
         });
         let next = match result {
             Ok(engine) => ModelState::Ready(engine),

@@ -615,6 +615,10 @@ impl Worker {
             // Stopped on request at the decision, or ended by the grammar (or cut short).
             if params.stop_when_decided { c.outcome(decided.as_ref()) } else { c.outcome(None) }
         });
+        // The gauges say the request is over before its client hears it (the cache goes next).
+        drop(cache);
+        self.stats.kv_cache_bytes.store(0, Ordering::Relaxed);
+        self.stats.running.store(0, Ordering::Relaxed);
         let _ = events.send(EngineEvent::Done { finish_reason: finish, text, token_ids, usage, timings, answer });
         Ok(())
     }

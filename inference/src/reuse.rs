@@ -32,6 +32,14 @@ struct Entry {
     used: u64,
 }
 
+/// Where a group's features come from.
+enum Part {
+    /// The cache (or a pair seen earlier in this request that was cached).
+    Cached(Key),
+    /// This request's encoding, at this index.
+    Fresh(usize),
+}
+
 /// What one encode found in the cache.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReuseCount {
@@ -171,28 +179,35 @@ impl VisionCache {
         // Misses, each distinct one encoded once, all in one pass.
         let mut count = ReuseCount::default();
         let mut found: HashMap<Key, (Tensor, Vec<Tensor>)> = HashMap::new();
+        // Indices of the groups to encode, and for each group where its features come from.
         let mut todo: Vec<usize> = Vec::new();
         let mut todo_keys: HashMap<Key, usize> = HashMap::new();
+        let mut parts: Vec<Part> = Vec::with_capacity(groups.len());
         for (i, (key, ..)) in groups.iter().enumerate() {
-            match key {
-                Some(k) if found.contains_key(k) || todo_keys.contains_key(k) => count.hits += 1,
+            let part = match key {
+                Some(k) if found.contains_key(k) => Part::Cached(*k),
+                Some(k) if todo_keys.contains_key(k) => Part::Fresh(todo_keys[k]),
                 Some(k) => match self.touch(k) {
                     Some(hit) => {
-                        count.hits += 1;
                         found.insert(*k, hit);
+                        Part::Cached(*k)
                     }
                     None => {
-                        count.misses += 1;
                         todo_keys.insert(*k, todo.len());
                         todo.push(i);
+                        count.misses += 1;
+                        Part::Fresh(todo.len() - 1)
                     }
                 },
                 None => {
-                    count.misses += 1;
                     todo.push(i);
+                    count.misses += 1;
+                    Part::Fresh(todo.len() - 1)
                 }
-            }
+            };
+            parts.push(part);
         }
+        count.hits = groups.len() - count.misses;
         let mut fresh: Vec<(Tensor, Vec<Tensor>)> = Vec::with_capacity(todo.len());
         if !todo.is_empty() {
             let mut data = Vec::with_capacity(todo.iter().map(|&i| groups[i].4).sum());
@@ -221,17 +236,13 @@ impl VisionCache {
         let mut embeds = Vec::with_capacity(groups.len());
         let taps = fresh.first().map(|f| f.1.len()).or_else(|| found.values().next().map(|f| f.1.len())).unwrap_or(0);
         let mut deepstack: Vec<Vec<Tensor>> = vec![Vec::with_capacity(groups.len()); taps];
-        let mut next_fresh = 0;
-        for (i, (key, ..)) in groups.iter().enumerate() {
-            let part = match key {
-                Some(k) if found.contains_key(k) => found[k].clone(),
-                Some(k) => fresh[todo_keys[k]].clone(),
-                None => {
-                    debug_assert_eq!(todo[next_fresh], i);
-                    next_fresh += 1;
-                    fresh[next_fresh - 1].clone()
-                }
-            };
+        for part in &parts {
+            let part = match part {
+                Part::Cached(k) => found.get(k),
+                Part::Fresh(j) => fresh.get(*j),
+            }
+            .ok_or_else(|| candle_core::Error::Msg("vision reuse lost a frame pair".into()))?
+            .clone();
             embeds.push(part.0);
             for (tap, d) in deepstack.iter_mut().zip(part.1) {
                 tap.push(d);

@@ -74,7 +74,7 @@ fn main() {
     let pv = Tensor::from_vec(window_of(0).to_vec(), (window * g * g, 1536), &device).unwrap();
     model.encode_video(&pv, &[grid]).unwrap();
     let mut cold = VisionCache::new(0);
-    cold.encode(&model.vision, &device, window_of(0), &[grid]).unwrap();
+    cold.encode(&model.vision, &device, window_of(0).to_vec(), &[grid]).unwrap();
 
     let mut whole_s = 0.0;
     let mut reuse_s = 0.0;
@@ -87,7 +87,7 @@ fn main() {
         device.synchronize().unwrap();
         whole_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let (reused, n) = cache.encode(&model.vision, &device, window_of(k), &[grid]).unwrap();
+        let (reused, n) = cache.encode(&model.vision, &device, window_of(k).to_vec(), &[grid]).unwrap();
         device.synchronize().unwrap();
         reuse_s += t.elapsed().as_secs_f64();
         hits += n.hits;

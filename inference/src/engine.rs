@@ -449,13 +449,13 @@ impl Worker {
         let device = self.model.device();
 
         // Vision: all videos of the request in one pass. The pixel data is moved, not copied, when
-        // there is one video (a long clip can be a gigabyte).
+        // there is one video (a long clip can be a gigabyte), and reaches the tower uncopied when
+        // nothing of it is reused.
         let t0 = Instant::now();
         let vision = if videos.is_empty() {
             None
         } else {
             let grids: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
-            let mut rows = 0;
             for v in &videos {
                 let r: usize = v.grid_thw.iter().product();
                 if v.pixel_values.len() != r * 1536 {
@@ -466,16 +466,14 @@ impl Worker {
                         r * 1536
                     )));
                 }
-                rows += r;
             }
             let data: Vec<f32> = if videos.len() == 1 {
                 videos.into_iter().next().map(|v| v.pixel_values).unwrap_or_default()
             } else {
                 videos.into_iter().flat_map(|v| v.pixel_values).collect()
             };
-            debug_assert_eq!(data.len(), rows * 1536);
             let mut cache = self.vision_cache.borrow_mut();
-            let encoded = cache.encode(&self.model.vision, device, &data, &grids);
+            let encoded = cache.encode(&self.model.vision, device, data, &grids);
             match encoded {
                 Ok((out, count)) => {
                     self.stats.vision_reused.fetch_add(count.hits as u64, Ordering::Relaxed);

@@ -153,12 +153,14 @@ impl VisionCache {
     }
 
     /// Encodes `pixel_values` (`rows x 1536` for the grids, in order) reusing every temporal
-    /// group seen before, and keeps the new ones.
+    /// group seen before, and keeps the new ones. When nothing is reused (reuse off, a new
+    /// clip) the rows go to the tower as they are, not copied: a long clip's rows can be a
+    /// gigabyte.
     pub fn encode(
         &mut self,
         tower: &VisionModel,
         device: &Device,
-        pixel_values: &[f32],
+        pixel_values: Vec<f32>,
         grids: &[[usize; 3]],
     ) -> Result<(VisionOutput, ReuseCount)> {
         let rows: usize = grids.iter().map(|g| g.iter().product::<usize>()).sum();
@@ -210,13 +212,19 @@ impl VisionCache {
         count.hits = groups.len() - count.misses;
         let mut fresh: Vec<(Tensor, Vec<Tensor>)> = Vec::with_capacity(todo.len());
         if !todo.is_empty() {
-            let mut data = Vec::with_capacity(todo.iter().map(|&i| groups[i].4).sum());
-            let mut miss_grids = Vec::with_capacity(todo.len());
-            for &i in &todo {
-                let (_, h, w, at, n) = groups[i];
-                data.extend_from_slice(&pixel_values[at..at + n]);
-                miss_grids.push([1, h, w]);
-            }
+            // Every group new and distinct: they are all the rows, in order.
+            let (data, miss_grids) = if todo.len() == groups.len() {
+                (pixel_values, grids.to_vec())
+            } else {
+                let mut data = Vec::with_capacity(todo.iter().map(|&i| groups[i].4).sum());
+                let mut miss_grids = Vec::with_capacity(todo.len());
+                for &i in &todo {
+                    let (_, h, w, at, n) = groups[i];
+                    data.extend_from_slice(&pixel_values[at..at + n]);
+                    miss_grids.push([1, h, w]);
+                }
+                (data, miss_grids)
+            };
             let n_rows = data.len() / PATCH;
             let out = tower.forward(&Tensor::from_vec(data, (n_rows, PATCH), device)?, &miss_grids)?;
             let mut start = 0;

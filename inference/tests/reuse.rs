@@ -62,30 +62,30 @@ fn overlapping_windows_reuse_pairs_bit_for_bit(dtype: DType) {
     let mut cache = VisionCache::new(64 << 20);
     // Window A: pairs 0..4; window B, one stride of two pairs later: 2..6.
     let a = window(&[0, 1, 2, 3], h, w);
-    let (out_a, n) = cache.encode(tower, &Device::Cpu, &a, &[[4, h, w]]).unwrap();
+    let (out_a, n) = cache.encode(tower, &Device::Cpu, a.clone(), &[[4, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 0, misses: 4 });
     assert_same(&out_a, &whole(tower, &a, &[[4, h, w]]), "window A");
     let b = window(&[2, 3, 4, 5], h, w);
-    let (out_b, n) = cache.encode(tower, &Device::Cpu, &b, &[[4, h, w]]).unwrap();
+    let (out_b, n) = cache.encode(tower, &Device::Cpu, b.clone(), &[[4, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 2, misses: 2 });
     assert_same(&out_b, &whole(tower, &b, &[[4, h, w]]), "window B (two pairs reused)");
     // The same pairs in another order, and two videos of different sizes in one request.
     let c = [window(&[5, 2], h, w), window(&[7], 4, 6)].concat();
     let grids = [[2, h, w], [1, 4, 6]];
-    let (out_c, n) = cache.encode(tower, &Device::Cpu, &c, &grids).unwrap();
+    let (out_c, n) = cache.encode(tower, &Device::Cpu, c.clone(), &grids).unwrap();
     assert_eq!(n, ReuseCount { hits: 2, misses: 1 });
     assert_same(&out_c, &whole(tower, &c, &grids), "two videos");
     // A still camera: the same pair three times is encoded once.
     let mut still = VisionCache::new(64 << 20);
     let s = window(&[9, 9, 9], h, w);
-    let (out_s, n) = still.encode(tower, &Device::Cpu, &s, &[[3, h, w]]).unwrap();
+    let (out_s, n) = still.encode(tower, &Device::Cpu, s.clone(), &[[3, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 2, misses: 1 });
     assert_eq!(still.len(), 1);
     assert_same(&out_s, &whole(tower, &s, &[[3, h, w]]), "a still camera");
     // A pair whose pixels differ in one bit is not the cached one.
     let mut d = pair(2, h, w);
     d[77] = f32::from_bits(d[77].to_bits() ^ 1);
-    let (out_d, n) = cache.encode(tower, &Device::Cpu, &d, &[[1, h, w]]).unwrap();
+    let (out_d, n) = cache.encode(tower, &Device::Cpu, d.clone(), &[[1, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 0, misses: 1 });
     assert_same(&out_d, &whole(tower, &d, &[[1, h, w]]), "one bit changed");
 }
@@ -107,28 +107,28 @@ fn the_cache_keeps_to_its_budget_oldest_out_first() {
     let (h, w) = (8, 12);
     // Measure one pair's size, then allow two.
     let mut probe = VisionCache::new(64 << 20);
-    probe.encode(tower, &Device::Cpu, &pair(0, h, w), &[[1, h, w]]).unwrap();
+    probe.encode(tower, &Device::Cpu, pair(0, h, w), &[[1, h, w]]).unwrap();
     let one = probe.bytes();
     assert!(one > 0);
     let mut cache = VisionCache::new(2 * one);
-    cache.encode(tower, &Device::Cpu, &window(&[0, 1, 2], h, w), &[[3, h, w]]).unwrap();
+    cache.encode(tower, &Device::Cpu, window(&[0, 1, 2], h, w), &[[3, h, w]]).unwrap();
     assert_eq!((cache.len(), cache.bytes()), (2, 2 * one), "three pairs, room for two");
     // Pair 0 went first: 1 and 2 are still there.
-    let (_, n) = cache.encode(tower, &Device::Cpu, &window(&[1, 2], h, w), &[[2, h, w]]).unwrap();
+    let (_, n) = cache.encode(tower, &Device::Cpu, window(&[1, 2], h, w), &[[2, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 2, misses: 0 });
     // Using 1 makes 2 the oldest: a new pair evicts 2.
-    cache.encode(tower, &Device::Cpu, &pair(1, h, w), &[[1, h, w]]).unwrap();
-    cache.encode(tower, &Device::Cpu, &pair(3, h, w), &[[1, h, w]]).unwrap();
-    let (_, n) = cache.encode(tower, &Device::Cpu, &window(&[1, 2], h, w), &[[2, h, w]]).unwrap();
+    cache.encode(tower, &Device::Cpu, pair(1, h, w), &[[1, h, w]]).unwrap();
+    cache.encode(tower, &Device::Cpu, pair(3, h, w), &[[1, h, w]]).unwrap();
+    let (_, n) = cache.encode(tower, &Device::Cpu, window(&[1, 2], h, w), &[[2, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 1, misses: 1 });
     assert!(cache.bytes() <= 2 * one);
     // No budget: nothing kept, the output still right.
     let mut off = VisionCache::new(0);
     let x = window(&[0, 0], h, w);
-    let (out, n) = off.encode(tower, &Device::Cpu, &x, &[[2, h, w]]).unwrap();
+    let (out, n) = off.encode(tower, &Device::Cpu, x.clone(), &[[2, h, w]]).unwrap();
     assert_eq!(n, ReuseCount { hits: 0, misses: 2 });
     assert!(off.is_empty());
     assert_same(&out, &whole(tower, &x, &[[2, h, w]]), "without reuse");
     // Bad input is an error, not a panic.
-    assert!(off.encode(tower, &Device::Cpu, &x[..100], &[[2, h, w]]).is_err());
+    assert!(off.encode(tower, &Device::Cpu, x[..100].to_vec(), &[[2, h, w]]).is_err());
 }

@@ -166,6 +166,7 @@ fn decode_rate(e: &Engine, answer: Option<AnswerSpec>, seed: u64) -> (f64, usize
         messages: vec![Message::text("user", "Describe the scene at the door as JSON.")],
         videos: vec![],
         generation,
+        schedule: Default::default(),
     };
     let mut rx = e.submit(request).unwrap();
     while let Some(ev) = rx.blocking_recv() {
@@ -210,6 +211,8 @@ fn main() {
         queue: 4,
         vision_cache_bytes: 64 << 20,
         kv_cache_bytes: 256 << 20,
+        max_running: inference::engine::DEFAULT_MAX_RUNNING,
+        prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })
     .unwrap();
     let mut rates: Vec<(&str, Vec<f64>)> =

@@ -38,7 +38,8 @@ pub mod vision;
 pub use candle_core::DType;
 pub use device::{DeviceChoice, parse_dtype};
 pub use engine::{
-    Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Request, Slot, Timings, Usage, VideoInput,
+    Engine, EngineEvent, FinishReason, GenerationParams, LoadOptions, Priority, Request, Schedule, Slot, Timings,
+    Usage, VideoInput,
 };
 
 /// Everything that can go wrong in this crate, by fault.

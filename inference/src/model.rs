@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::Config;
 use crate::positions::{PromptPositions, TokenKind};
-use crate::text::{KvCache, TextModel};
+use crate::text::{KvCache, Rope, TextModel};
 use crate::vision::{VisionModel, VisionOutput};
 
 /// The whole model. Inference state lives in [`KvCache`]s owned by the caller, so one loaded
@@ -76,10 +76,45 @@ impl Qwen3VL {
         vision: Option<&VisionOutput>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        if !cache.is_empty() {
-            candle_core::bail!("prefill needs an empty cache");
+        let input = self.prefill_input(ids, kinds, positions, vision)?;
+        self.prefill_chunk(&input, ids.len(), cache)?
+            .ok_or_else(|| candle_core::Error::Msg("the prompt is empty".into()))
+    }
+
+    /// Runs the next `len` positions of `input` (a chunk of the prompt) into `cache`, which holds
+    /// the positions before them. Returns the logits of the last position once the chunk ends
+    /// the prompt. Chunks attend exactly as the whole prompt does (each row to every row before
+    /// it), so a long prompt can be prefilled between other sequences' decode steps.
+    pub fn prefill_chunk(&self, input: &PrefillInput, len: usize, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let from = cache.len();
+        let len = len.min(input.len.saturating_sub(from));
+        if len == 0 {
+            candle_core::bail!("nothing of the prompt is left to prefill");
         }
+        let whole = from == 0 && len == input.len;
+        let (x, rope, deepstack) = if whole {
+            (input.x.clone(), None, input.deepstack.clone())
+        } else {
+            let ds = input.deepstack.iter().map(|t| t.narrow(0, from, len)).collect::<Result<Vec<_>>>()?;
+            (input.x.narrow(0, from, len)?, Some(input.rope.narrow(from, len)?), ds)
+        };
+        let h = self.text.forward(&x, rope.as_ref().unwrap_or(&input.rope), cache, &deepstack)?;
+        if from + len < input.len { Ok(None) } else { self.text.logits(&h).map(Some) }
+    }
+
+    /// The prompt's embeddings with the vision features merged in, its DeepStack features and
+    /// rotary tables, ready to prefill whole or in chunks.
+    pub fn prefill_input(
+        &self,
+        ids: &[u32],
+        kinds: &[TokenKind],
+        positions: &PromptPositions,
+        vision: Option<&VisionOutput>,
+    ) -> Result<PrefillInput> {
         let n = ids.len();
+        if n == 0 || kinds.len() != n || positions.axes.iter().any(|a| a.len() != n) {
+            candle_core::bail!("a prompt of {n} ids needs as many kinds and positions");
+        }
         let mut x = self.text.embed(ids)?;
         let visual: Vec<usize> =
             kinds.iter().enumerate().filter(|(_, k)| **k != TokenKind::Text).map(|(i, _)| i).collect();
@@ -111,8 +146,7 @@ impl Qwen3VL {
             candle_core::bail!("the prompt has visual placeholders but no vision input");
         }
         let rope = self.text.rope([&positions.axes[0], &positions.axes[1], &positions.axes[2]])?;
-        let h = self.text.forward(&x, &rope, cache, &deepstack)?;
-        self.text.logits(&h)
+        Ok(PrefillInput { x, rope, deepstack, len: n })
     }
 
     /// Feeds one generated token at absolute position `position` and returns the next logits.
@@ -122,5 +156,39 @@ impl Qwen3VL {
         let rope = self.text.rope([&p, &p, &p])?;
         let h = self.text.forward(&x, &rope, cache, &[])?;
         self.text.logits(&h)
+    }
+
+    /// One decode step of several sequences in one forward: `tokens[i]` at `positions[i]` into
+    /// `caches[i]`. Returns the next logits of each, f32 `(b, vocab)`. Same tokens as
+    /// [`decode`](Self::decode) one at a time (each row attends to its own cache only).
+    pub fn decode_batch(&self, tokens: &[u32], positions: &[i64], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != positions.len() || tokens.len() != caches.len() || tokens.is_empty() {
+            candle_core::bail!("a batch needs one position and one cache per token");
+        }
+        let x = self.text.embed(tokens)?;
+        let rope = self.text.rope([positions, positions, positions])?;
+        let h = self.text.forward_batch(&x, &rope, caches)?;
+        self.text.logits_batch(&h)
+    }
+}
+
+/// A prompt ready to prefill ([`Qwen3VL::prefill_input`]).
+#[derive(Debug)]
+pub struct PrefillInput {
+    x: Tensor,
+    rope: Rope,
+    deepstack: Vec<Tensor>,
+    len: usize,
+}
+
+impl PrefillInput {
+    /// Positions in the prompt.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: an empty prompt is refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }

@@ -45,6 +45,12 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets the tokens after the first `len` (their room is kept and written over next): a
+    /// batched step that failed part way is undone with it.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Forgets every token (keeps no memory).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
@@ -101,6 +107,13 @@ impl KvCache {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+}
+
+impl Rope {
+    /// The tables of rows `from..from + len` (a chunk of a prompt).
+    pub fn narrow(&self, from: usize, len: usize) -> Result<Rope> {
+        Ok(Rope { cos: self.cos.narrow(0, from, len)?, sin: self.sin.narrow(0, from, len)? })
+    }
 }
 
 struct Attention {
@@ -262,12 +275,37 @@ impl TextModel {
     /// Returns the final-normed hidden state of the last position, `(1, hidden)`.
     pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, deepstack: &[Tensor]) -> Result<Tensor> {
         let n = x.dim(0)?;
+        let budget = self.attention_budget;
+        let h = self.stack(x, deepstack, |attn, x, layer, last| attn.forward(x, rope, cache, layer, last, budget))?;
+        let h = h.i((0, n - 1..n))?;
+        self.norm.forward(&h)
+    }
+
+    /// One decode step of several sequences at once: `x` holds one new token's embedding per
+    /// sequence (`(b, hidden)`), `rope` its position's tables, `caches[i]` row i's keys and
+    /// values. The linears and the MLP run on all rows together; each row attends to its own
+    /// cache. Returns the final-normed hidden states `(b, hidden)`.
+    pub fn forward_batch(&self, x: &Tensor, rope: &Rope, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if caches.len() != b {
+            candle_core::bail!("{b} rows but {} caches", caches.len());
+        }
+        let h = self.stack(x, &[], |attn, x, layer, last| attn.forward_batch(x, rope, caches, layer, last))?;
+        self.norm.forward(&h.squeeze(0)?)
+    }
+
+    /// The decoder layers over `x` (`(n, hidden)`), attention by `attend`; returns `(1, n, hidden)`.
+    fn stack(
+        &self,
+        x: &Tensor,
+        deepstack: &[Tensor],
+        mut attend: impl FnMut(&Attention, &Tensor, usize, bool) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.unsqueeze(0)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let r = h.clone();
-            let a =
-                layer.attn.forward(&layer.input_norm.forward(&h)?, rope, cache, i, i == last, self.attention_budget)?;
+            let a = attend(&layer.attn, &layer.input_norm.forward(&h)?, i, i == last)?;
             h = (r + a)?;
             let r = h.clone();
             let m = layer.post_norm.forward(&h)?;
@@ -277,13 +315,17 @@ impl TextModel {
                 h = h.broadcast_add(&ds.to_dtype(h.dtype())?.unsqueeze(0)?)?;
             }
         }
-        let h = h.i((0, n - 1..n))?;
-        self.norm.forward(&h)
+        Ok(h)
     }
 
     /// Logits `(vocab,)` in f32 for a final hidden state `(1, hidden)`.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         self.head.forward(h)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// Logits `(b, vocab)` in f32 for final hidden states `(b, hidden)`.
+    pub fn logits_batch(&self, h: &Tensor) -> Result<Tensor> {
+        self.head.forward(h)?.to_dtype(DType::F32)
     }
 }
 
@@ -297,6 +339,21 @@ fn causal_mask(from: usize, rows: usize, past: usize, total: usize, device: &Dev
 }
 
 impl Attention {
+    /// Queries, keys and values of `x` (`(1, n, hidden)`) with their rotary positions applied:
+    /// `(1, heads, n, head_dim)` and twice `(1, kv_heads, n, head_dim)`.
+    fn project(&self, x: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, n, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let q = self.q_norm.forward(&self.q.forward(x)?.reshape((b, n, self.heads, hd))?)?.transpose(1, 2)?;
+        let k = self.k_norm.forward(&self.k.forward(x)?.reshape((b, n, self.kv_heads, hd))?)?.transpose(1, 2)?;
+        let v = self.v.forward(x)?.reshape((b, n, self.kv_heads, hd))?.transpose(1, 2)?;
+        let cos = rope.cos.unsqueeze(0)?.unsqueeze(0)?;
+        let sin = rope.sin.unsqueeze(0)?.unsqueeze(0)?;
+        let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+        let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+        Ok((q, k, v))
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -307,15 +364,49 @@ impl Attention {
         budget: usize,
     ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        let hd = self.head_dim;
-        let q = self.q_norm.forward(&self.q.forward(x)?.reshape((b, n, self.heads, hd))?)?.transpose(1, 2)?;
-        let k = self.k_norm.forward(&self.k.forward(x)?.reshape((b, n, self.kv_heads, hd))?)?.transpose(1, 2)?;
-        let v = self.v.forward(x)?.reshape((b, n, self.kv_heads, hd))?.transpose(1, 2)?;
-        let cos = rope.cos.unsqueeze(0)?.unsqueeze(0)?;
-        let sin = rope.sin.unsqueeze(0)?.unsqueeze(0)?;
-        let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-        let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-        let (k, v) = cache.append(layer, &k, &v, last_layer)?;
+        let (q, k, v) = self.project(x, rope)?;
+        let o = self.attend(&q, &k, &v, cache, layer, last_layer, budget)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        self.o.forward(&o)
+    }
+
+    /// Row i of `x` (`(1, b, hidden)`) is the next token of the sequence cached in `caches[i]`.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        last_layer: bool,
+    ) -> Result<Tensor> {
+        let (_, b, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, rope)?;
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let row = |t: &Tensor| t.narrow(2, i, 1);
+            // One query row: no mask, one block.
+            outs.push(self.attend(&row(&q)?, &row(&k)?, &row(&v)?, cache, layer, last_layer, usize::MAX)?);
+        }
+        let o = Tensor::cat(&outs, 2)?;
+        let o = o.transpose(1, 2)?.reshape((1, b, self.heads * self.head_dim))?;
+        self.o.forward(&o)
+    }
+
+    /// Appends `k`, `v` to `cache` and attends `q` (`(1, heads, n, head_dim)`, the last `n`
+    /// positions) to everything cached, causally. Returns `(1, heads, n, head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+        last_layer: bool,
+        budget: usize,
+    ) -> Result<Tensor> {
+        let (b, _, n, hd) = q.dims4()?;
+        let (k, v) = cache.append(layer, k, v, last_layer)?;
         let total = k.dim(2)?;
         let past = total - n;
         // GQA without copying K/V: fold the query heads that share a KV head into the rows.
@@ -332,16 +423,14 @@ impl Attention {
             let qb = qb.contiguous()?.reshape((b, self.kv_heads, rep * rows, hd))?;
             let att = (qb.matmul(&kt)? * scale)?.reshape((b, self.heads, rows, total))?;
             let att = if n > 1 {
-                att.broadcast_add(&causal_mask(from, rows, past, total, x.device())?.to_dtype(att.dtype())?)?
+                att.broadcast_add(&causal_mask(from, rows, past, total, q.device())?.to_dtype(att.dtype())?)?
             } else {
                 att
             };
             let att = softmax_f32(&att)?.reshape((b, self.kv_heads, rep * rows, total))?;
             outs.push(att.matmul(&v)?.reshape((b, self.heads, rows, hd))?);
         }
-        let o = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 2)? };
-        let o = o.transpose(1, 2)?.reshape((b, n, self.heads * hd))?;
-        self.o.forward(&o)
+        if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 2) }
     }
 }
 

@@ -19,6 +19,8 @@ fn engine() -> Engine {
         queue: 4,
         vision_cache_bytes: 64 << 20,
         kv_cache_bytes: 256 << 20,
+        max_running: inference::engine::DEFAULT_MAX_RUNNING,
+        prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })
     .unwrap()
 }
@@ -48,7 +50,12 @@ struct Run {
 }
 
 fn run(e: &Engine, prompt: &str, generation: GenerationParams) -> Run {
-    let request = Request { messages: vec![Message::text("user", prompt)], videos: vec![], generation };
+    let request = Request {
+        messages: vec![Message::text("user", prompt)],
+        videos: vec![],
+        generation,
+        schedule: Default::default(),
+    };
     let mut rx = e.submit(request).unwrap();
     let (mut streamed, mut decisions) = (String::new(), Vec::new());
     while let Some(ev) = rx.blocking_recv() {

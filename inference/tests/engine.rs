@@ -21,6 +21,8 @@ fn engine_with_kv(name: &str, queue: usize, kv_cache_bytes: usize) -> Engine {
         queue,
         vision_cache_bytes: 64 << 20,
         kv_cache_bytes,
+        max_running: inference::engine::DEFAULT_MAX_RUNNING,
+        prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })
     .unwrap()
 }
@@ -43,7 +45,14 @@ fn streams_tokens_that_add_up_to_the_answer() {
     let all = cases();
     let case = &all["models"]["tiny-untied"][2]; // text only
     let r = Reference::load("tiny-untied", "text_only");
-    let mut rx = e.submit(Request { messages: messages(case), videos: vec![], generation: greedy(16) }).unwrap();
+    let mut rx = e
+        .submit(Request {
+            messages: messages(case),
+            videos: vec![],
+            generation: greedy(16),
+            schedule: Default::default(),
+        })
+        .unwrap();
     assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Queued)));
     let mut streamed = String::new();
     let mut captured = false;
@@ -86,7 +95,12 @@ fn video_request_matches_reference() {
     let pairs = r.grid()[0] as u64;
     let mut runs = Vec::new();
     for run in 0..2 {
-        let request = Request { messages: messages(case), videos: vec![video.clone()], generation: greedy(16) };
+        let request = Request {
+            messages: messages(case),
+            videos: vec![video.clone()],
+            generation: greedy(16),
+            schedule: Default::default(),
+        };
         let mut rx = e.submit(request).unwrap();
         let mut prefill = Vec::new();
         let ids = loop {
@@ -112,7 +126,12 @@ fn a_bad_request_fails_alone() {
     let e = engine("tiny-tied", 4);
     let bad = VideoInput { pixel_values: vec![0.0; 10], grid_thw: [1, 2, 2], timestamps: vec![0.5] };
     let mut rx = e
-        .submit(Request { messages: vec![Message::user_video("what?")], videos: vec![bad], generation: greedy(4) })
+        .submit(Request {
+            messages: vec![Message::user_video("what?")],
+            videos: vec![bad],
+            generation: greedy(4),
+            schedule: Default::default(),
+        })
         .unwrap();
     let mut failed = false;
     while let Some(ev) = rx.blocking_recv() {
@@ -124,7 +143,12 @@ fn a_bad_request_fails_alone() {
     assert!(failed);
     // Placeholder count and videos disagree: an input error, not a crash.
     let mut rx = e
-        .submit(Request { messages: vec![Message::user_video("what?")], videos: vec![], generation: greedy(4) })
+        .submit(Request {
+            messages: vec![Message::user_video("what?")],
+            videos: vec![],
+            generation: greedy(4),
+            schedule: Default::default(),
+        })
         .unwrap();
     let mut failed = false;
     while let Some(ev) = rx.blocking_recv() {
@@ -133,7 +157,12 @@ fn a_bad_request_fails_alone() {
     assert!(failed);
     // The engine still serves.
     let mut rx = e
-        .submit(Request { messages: vec![Message::text("user", "hello")], videos: vec![], generation: greedy(3) })
+        .submit(Request {
+            messages: vec![Message::text("user", "hello")],
+            videos: vec![],
+            generation: greedy(3),
+            schedule: Default::default(),
+        })
         .unwrap();
     let mut done = false;
     while let Some(ev) = rx.blocking_recv() {
@@ -143,20 +172,38 @@ fn a_bad_request_fails_alone() {
     // Invalid parameters are refused at submit.
     let mut g = greedy(3);
     g.sampling.top_p = 2.0;
-    assert!(e.submit(Request { messages: vec![Message::text("user", "x")], videos: vec![], generation: g }).is_err());
     assert!(
-        e.submit(Request { messages: vec![Message::text("user", "x")], videos: vec![], generation: greedy(0) })
-            .is_err()
+        e.submit(Request {
+            messages: vec![Message::text("user", "x")],
+            videos: vec![],
+            generation: g,
+            schedule: Default::default()
+        })
+        .is_err()
+    );
+    assert!(
+        e.submit(Request {
+            messages: vec![Message::text("user", "x")],
+            videos: vec![],
+            generation: greedy(0),
+            schedule: Default::default()
+        })
+        .is_err()
     );
 }
 
 #[test]
 fn dropping_the_receiver_cancels_and_the_queue_is_bounded() {
-    let e = engine("tiny-tied", 1);
+    // One request running at a time, so the second waits in the queue.
+    let mut opts = LoadOptions::new(model_dir("tiny-tied").to_str().unwrap());
+    opts.queue = 1;
+    opts.max_running = 1;
+    let e = Engine::load(opts).unwrap();
     let long = || Request {
         messages: vec![Message::text("user", "go on")],
         videos: vec![],
         generation: GenerationParams { capture: false, ignore_eos: true, ..greedy(100_000) },
+        schedule: Default::default(),
     };
     let mut first = e.submit(long()).unwrap();
     // Wait until the engine works on it, so the queue itself is empty again.
@@ -171,13 +218,22 @@ fn dropping_the_receiver_cancels_and_the_queue_is_bounded() {
     // Cancel both; the engine drops the running one at its next step and skips the queued one.
     drop(first);
     drop(second);
-    let mut rx =
-        e.submit(Request { messages: vec![Message::text("user", "hi")], videos: vec![], generation: greedy(2) });
+    let mut rx = e.submit(Request {
+        messages: vec![Message::text("user", "hi")],
+        videos: vec![],
+        generation: greedy(2),
+        schedule: Default::default(),
+    });
     // The queue frees up once the engine has seen the cancellation.
     let start = std::time::Instant::now();
     while rx.is_err() && start.elapsed() < std::time::Duration::from_secs(30) {
         std::thread::sleep(std::time::Duration::from_millis(10));
-        rx = e.submit(Request { messages: vec![Message::text("user", "hi")], videos: vec![], generation: greedy(2) });
+        rx = e.submit(Request {
+            messages: vec![Message::text("user", "hi")],
+            videos: vec![],
+            generation: greedy(2),
+            schedule: Default::default(),
+        });
     }
     let mut rx = rx.unwrap();
     let mut done = false;
@@ -210,7 +266,12 @@ fn requests_beyond_the_kv_budget_are_refused_with_what_to_change() {
     let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
     let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
     let outcome = |e: &Engine| {
-        let request = Request { messages: messages(case), videos: vec![video.clone()], generation: greedy(16) };
+        let request = Request {
+            messages: messages(case),
+            videos: vec![video.clone()],
+            generation: greedy(16),
+            schedule: Default::default(),
+        };
         let mut rx = e.submit(request).unwrap();
         loop {
             match rx.blocking_recv().expect("no end") {

@@ -128,10 +128,18 @@ struct ServeArgs {
     /// device); 0 encodes every window whole [default: 512].
     #[arg(long, env = "LOOKOUT_VISION_CACHE_MB")]
     vision_cache_mb: Option<u64>,
-    /// MiB of KV cache one request may take (its prompt plus max_tokens); a request that needs
-    /// more is refused with what to change [default: 4096].
+    /// MiB of KV cache the requests the engine serves at once may take together, each counted
+    /// at its prompt plus max_tokens: a request waits until it fits, and one that could never
+    /// fit is refused with what to change [default: 4096].
     #[arg(long, env = "LOOKOUT_KV_CACHE_MB")]
     kv_cache_mb: Option<u64>,
+    /// Requests the engine decodes together in one batch at most [default: 16].
+    #[arg(long, env = "LOOKOUT_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Prompt tokens prefilled (or visual tokens encoded) in one step between decode steps: a
+    /// long clip does not hold up live windows' tokens for longer than one chunk [default: 512].
+    #[arg(long, env = "LOOKOUT_PREFILL_CHUNK")]
+    prefill_chunk: Option<usize>,
     /// A PostgreSQL database that several nodes share: postgres://user:password@host/db. Without
     /// it, the node keeps its own SQLite database under --data-dir (then a directory every node
     /// shares, for uploads, thumbnails and evidence clips).
@@ -198,6 +206,8 @@ impl ServeArgs {
             media_budget_mb: self.media_budget_mb.or(f.media_budget_mb),
             vision_cache_mb: self.vision_cache_mb.or(f.vision_cache_mb),
             kv_cache_mb: self.kv_cache_mb.or(f.kv_cache_mb),
+            max_batch: self.max_batch.or(f.max_batch),
+            prefill_chunk: self.prefill_chunk.or(f.prefill_chunk),
             database: self.database.or(f.database),
             node_id: self.node_id.or(f.node_id),
             node_address: self.node_address.or(f.node_address),
@@ -337,6 +347,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
         vision_cache_mb: args.vision_cache_mb.unwrap_or(d.vision_cache_mb),
         kv_cache_mb: args.kv_cache_mb.unwrap_or(d.kv_cache_mb).max(1),
+        max_batch: args.max_batch.unwrap_or(d.max_batch).max(1),
+        prefill_chunk: args.prefill_chunk.unwrap_or(d.prefill_chunk).max(1),
         cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("lookout-io").build()?;
@@ -543,6 +555,8 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         queue: 1,
         vision_cache_bytes: 0,
         kv_cache_bytes: usize::MAX,
+        max_running: inference::engine::DEFAULT_MAX_RUNNING,
+        prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -550,7 +564,12 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
     }
     messages.push(inference::processor::Message::user_video(&args.prompt));
     let generation = args.generation.params(&engine.info().generation, args.dump.is_some());
-    let request = inference::Request { messages, videos: vec![clip.into_video_input()], generation };
+    let request = inference::Request {
+        messages,
+        videos: vec![clip.into_video_input()],
+        generation,
+        schedule: inference::Schedule::interactive("analyze"),
+    };
     let mut events = engine.submit(request)?;
     let mut stdout = std::io::stdout().lock();
     let mut captured = None;

@@ -84,8 +84,12 @@ pub struct ServeConfig {
     pub media_budget_mb: u64,
     /// MiB of encoded frame pairs kept for overlapping windows (0: none).
     pub vision_cache_mb: u64,
-    /// MiB of KV cache one request may take.
+    /// MiB of KV cache the running requests may take together.
     pub kv_cache_mb: u64,
+    /// Requests decoded together at most.
+    pub max_batch: usize,
+    /// Prompt tokens per prefill step.
+    pub prefill_chunk: usize,
     /// Several nodes sharing a PostgreSQL database; one node with its own SQLite without.
     pub cluster: Option<SharedDatabase>,
 }
@@ -245,6 +249,8 @@ impl Default for ServeConfig {
             media_budget_mb: 2048,
             vision_cache_mb: 512,
             kv_cache_mb: 4096,
+            max_batch: inference::engine::DEFAULT_MAX_RUNNING,
+            prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
             cluster: None,
         }
     }
@@ -729,6 +735,8 @@ pub async fn serve_announced(
             queue: loader.config.engine_queue,
             vision_cache_bytes: usize::try_from(loader.config.vision_cache_mb << 20).unwrap_or(usize::MAX),
             kv_cache_bytes: usize::try_from(loader.config.kv_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+            max_running: loader.config.max_batch,
+            prefill_chunk: loader.config.prefill_chunk,
         });
         let next = match result {
             Ok(engine) => ModelState::Ready(engine),

@@ -306,7 +306,9 @@ pub(crate) async fn chat_completions(
     crate::watch::check_answer(&state.analyzer()?, &generation, "response_format")
         .await
         .map_err(ApiFailure::bad_request)?;
-    let mut events = engine.submit(inference::Request { messages, videos, generation }).map_err(submit_failure)?;
+    let mut events = engine
+        .submit(inference::Request { messages, videos, generation, schedule: inference::Schedule::interactive("chat") })
+        .map_err(submit_failure)?;
     let id = format!("chatcmpl-{}", new_id());
     // The model that answers, whatever the request named.
     let model = super::model_id(&engine.info().model);

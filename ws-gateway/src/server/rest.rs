@@ -124,6 +124,7 @@ async fn analyze(
         messages: vec![inference::processor::Message::user_video(&prompt)],
         videos: vec![sampled.into_video_input()],
         generation,
+        schedule: inference::Schedule::interactive("rest"),
     };
     let mut events = engine.submit(request).map_err(submit_failure)?;
     while let Some(ev) = events.recv().await {

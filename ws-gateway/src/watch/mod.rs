@@ -666,6 +666,12 @@ impl Task {
                 timestamps: w.clip.timestamps,
             }],
             generation: self.spec.generation.clone(),
+            // A monitor's windows are background work, taking turns with other cameras; a
+            // session somebody started is interactive.
+            schedule: match &shared.monitor {
+                Some(m) => inference::Schedule::background(format!("monitor:{m}")),
+                None => inference::Schedule::interactive(format!("watch:{}", shared.id)),
+            },
         };
         let shape = (w.clip.grid_thw[2] as u32 * 16, w.clip.grid_thw[1] as u32 * 16);
         let thumbnail = (shape.0, shape.1, w.last_rgb);

@@ -45,6 +45,8 @@ pub(super) struct Sequence {
     pub(super) phase: Phase,
     /// The token to feed in this step's batch, at its position.
     pub(super) feed: Option<(u32, i64)>,
+    /// Picks of vision or prefill work that went to others since its last.
+    pub(super) passed_over: u32,
     prompt: Prompt,
     generation: GenerationParams,
     queued_at: Instant,
@@ -167,6 +169,7 @@ impl Sequence {
             cache,
             phase,
             feed: None,
+            passed_over: 0,
             prompt,
             generation,
             queued_at,
@@ -195,7 +198,10 @@ impl Sequence {
         if let Phase::Vision(work) = &mut self.phase {
             let t = Instant::now();
             if !work.left.is_empty() {
-                count = work.step(cx.vision_cache, cx.model, cx.model.device(), cx.chunk).inspect_err(|_| {
+                // A visual token is four patch rows through the tower: a quarter as many per step
+                // keeps a vision step about as long as a prefill step.
+                let tokens = (cx.chunk / 4).max(1);
+                count = work.step(cx.vision_cache, cx.model, cx.model.device(), tokens).inspect_err(|_| {
                     // An error may have left the cache half-updated.
                     cx.vision_cache.clear();
                 })?;

@@ -36,9 +36,9 @@ pub(super) struct Worker {
     chunk: usize,
 }
 
-/// Every this many picks of vision or prefill work, the request admitted first gets it, so the
-/// shortest-first choice cannot starve a long clip.
-const OLDEST_EVERY: u64 = 4;
+/// A request passed over for this many picks of vision or prefill work in a row gets the next,
+/// so the shortest-first choice cannot starve a long clip.
+const PASSED_OVER: u32 = 8;
 
 /// Runs `f`, turning a panic into this request's error (the engine carries on).
 fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
@@ -109,7 +109,6 @@ impl Worker {
         let mut waiting: Waiting<(Job, Prompt)> = Waiting::new();
         let mut running: Vec<Sequence> = Vec::new();
         let mut open = true;
-        let mut picks = 0u64;
         loop {
             if running.is_empty() && waiting.is_empty() {
                 if !open {
@@ -145,8 +144,7 @@ impl Worker {
                 running.push(Sequence::admit(job, prompt, kv, &self.model));
             }
             self.publish(&running);
-            if let Some(i) = Self::pick(&running, picks) {
-                picks += 1;
+            if let Some(i) = Self::pick(&mut running) {
                 let mut cx = self.context();
                 let seq = &mut running[i];
                 let outcome = guard(|| seq.prepare_step(&mut cx));
@@ -240,17 +238,28 @@ impl Worker {
         Ok(prompt)
     }
 
-    /// Which admitted request gets this step's vision or prefill chunk: interactive before
-    /// background, then the one with the least work left (a live window's first token is not
-    /// stuck behind a long clip), and every few picks the one admitted first.
-    fn pick(running: &[Sequence], picks: u64) -> Option<usize> {
+    /// Which admitted request gets this step's vision or prefill chunk: one passed over too
+    /// often, else interactive before background and then the one with the least work left (a
+    /// live window's first token is not stuck behind a long clip).
+    fn pick(running: &mut [Sequence]) -> Option<usize> {
         let preparing = || running.iter().enumerate().filter(|(_, s)| !s.decoding());
-        let best = preparing().map(|(_, s)| s.priority).min()?;
-        let mut candidates = preparing().filter(|(_, s)| s.priority == best);
-        if picks % OLDEST_EVERY == OLDEST_EVERY - 1 {
-            return candidates.next().map(|(i, _)| i);
+        let starved = preparing()
+            .filter(|(_, s)| s.passed_over >= PASSED_OVER)
+            .max_by_key(|(i, s)| (s.passed_over, std::cmp::Reverse(*i)));
+        let chosen = match starved {
+            Some((i, _)) => i,
+            None => {
+                let best = preparing().map(|(_, s)| s.priority).min()?;
+                preparing()
+                    .filter(|(_, s)| s.priority == best)
+                    .min_by_key(|(i, s)| (s.work_left(), *i))
+                    .map(|(i, _)| i)?
+            }
+        };
+        for (i, s) in running.iter_mut().enumerate().filter(|(_, s)| !s.decoding()) {
+            s.passed_over = if i == chosen { 0 } else { s.passed_over + 1 };
         }
-        candidates.min_by_key(|(i, s)| (s.work_left(), *i)).map(|(i, _)| i)
+        Some(chosen)
     }
 
     /// Samples a token for every decoding request, then feeds those that go on through the

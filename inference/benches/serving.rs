@@ -1,0 +1,292 @@
+//! The engine serving several streams at once, through its real scheduler, in one run:
+//! benches/serving.sh runs it.
+//!
+//! ```text
+//! LOOKOUT_BENCH_MODEL=DIR [LOOKOUT_BENCH_PARTS=concurrency,vss,overlap,live] [LOOKOUT_BENCH_DEVICE=cpu]
+//!   [LOOKOUT_BENCH_DTYPE=f32] [LOOKOUT_BENCH_REQUESTS=3] [LOOKOUT_BENCH_TOKENS=64]
+//!   [LOOKOUT_BENCH_SIDE=224] [LOOKOUT_BENCH_VSS_PAIRS=40] [LOOKOUT_BENCH_VSS_SIDE=448]
+//!   [LOOKOUT_BENCH_CLIP_PAIRS=64] cargo bench -p inference --bench serving
+//! ```
+//!
+//! - `concurrency`: 1, 2, 4 and 8 streams, each sending REQUESTS windows of one frame pair at
+//!   SIDE and taking TOKENS tokens each (end of sequence ignored), one window after another as
+//!   a watch does; the same requests one at a time on the same engine: windows/s, aggregate
+//!   tokens/s, time to first token (queue included) p50/p99, and the ratios.
+//! - `vss`: windows of VSS_PAIRS pairs (80 frames) at VSS_SIDE, answers of 1 and of 100 tokens:
+//!   the seconds of video one window covers (10 s) against the seconds it takes, so how many
+//!   streams hold real time.
+//! - `overlap`: sliding windows of 8 pairs with a stride of 2 (window/4) against cold windows of
+//!   the same size: vision ms and TTFT per window.
+//! - `live`: a 4-pair window's TTFT alone, and while a CLIP_PAIRS-pair clip is being analysed.
+//!
+//! Prints one JSON object per part.
+#![allow(clippy::print_stdout, missing_docs)]
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use inference::engine::EngineEvent;
+use inference::processor::Message;
+use inference::sampling::SamplingParams;
+use inference::{Engine, GenerationParams, LoadOptions, Request, Schedule, Timings, VideoInput};
+use serde_json::json;
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Random patch rows of `pairs` frame pairs at `side` x `side`, from `seed`.
+fn video(pairs: usize, side: usize, seed: u64) -> VideoInput {
+    let g = side / 16;
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let pixel_values = (0..pairs * g * g * 1536)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    VideoInput { pixel_values, grid_thw: [pairs, g, g], timestamps: (0..pairs).map(|i| i as f64).collect() }
+}
+
+/// The pairs `from..from + n` of `v`.
+fn pairs_of(v: &VideoInput, from: usize, n: usize) -> VideoInput {
+    let [_, h, w] = v.grid_thw;
+    let per = h * w * 1536;
+    VideoInput {
+        pixel_values: v.pixel_values[from * per..(from + n) * per].to_vec(),
+        grid_thw: [n, h, w],
+        timestamps: (from..from + n).map(|i| i as f64).collect(),
+    }
+}
+
+fn request(video: VideoInput, tokens: usize, source: String) -> Request {
+    Request {
+        messages: vec![Message::user_video("Describe what happens.")],
+        videos: vec![video],
+        generation: GenerationParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: tokens,
+            stop: vec![],
+            capture: false,
+            ignore_eos: true,
+            answer: None,
+            stop_when_decided: false,
+        },
+        schedule: Schedule::background(source),
+    }
+}
+
+/// What one request took.
+#[derive(Clone, Copy)]
+struct Served {
+    timings: Timings,
+    tokens: usize,
+}
+
+impl Served {
+    /// Time to first token as its client sees it: queue and work.
+    fn ttft_ms(&self) -> f64 {
+        self.timings.queue_ms + self.timings.ttft_ms
+    }
+}
+
+fn serve(engine: &Engine, request: Request) -> Served {
+    let mut rx = engine.submit(request).expect("the queue has room");
+    loop {
+        match rx.blocking_recv().expect("no Done") {
+            EngineEvent::Done { timings, usage, .. } => return Served { timings, tokens: usage.completion_tokens },
+            EngineEvent::Failed { error } => panic!("{error}"),
+            _ => {}
+        }
+    }
+}
+
+/// Streams run side by side, each sending its requests one after another; returns every
+/// request's outcome and the wall time.
+fn streams(engine: &Engine, work: Vec<Vec<Request>>) -> (Vec<Served>, f64) {
+    let t = Instant::now();
+    let served = std::thread::scope(|s| {
+        let handles: Vec<_> = work
+            .into_iter()
+            .map(|reqs| s.spawn(move || reqs.into_iter().map(|r| serve(engine, r)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a stream thread panicked")).collect::<Vec<_>>()
+    });
+    (served, t.elapsed().as_secs_f64())
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn main() {
+    let Ok(dir) = std::env::var("LOOKOUT_BENCH_MODEL") else {
+        println!("set LOOKOUT_BENCH_MODEL to a checkpoint directory (benches/serving.sh makes one)");
+        return;
+    };
+    let parts: String = env("LOOKOUT_BENCH_PARTS", "concurrency,vss,overlap,live".to_owned());
+    let mut opts = LoadOptions::new(dir.clone());
+    opts.device = env("LOOKOUT_BENCH_DEVICE", "cpu".to_owned()).parse().unwrap();
+    opts.dtype = inference::parse_dtype(&env("LOOKOUT_BENCH_DTYPE", "f32".to_owned())).unwrap();
+    opts.queue = 64;
+    opts.max_running = 8;
+    let load = |vision_cache_bytes: usize| {
+        let mut o = opts.clone();
+        o.vision_cache_bytes = vision_cache_bytes;
+        Engine::load(o).unwrap()
+    };
+    println!(
+        "{}",
+        json!({ "model": dir, "device": env("LOOKOUT_BENCH_DEVICE", "cpu".to_owned()), "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) })
+    );
+
+    if parts.contains("concurrency") {
+        let requests: usize = env("LOOKOUT_BENCH_REQUESTS", 3);
+        let tokens: usize = env("LOOKOUT_BENCH_TOKENS", 64);
+        let side: usize = env("LOOKOUT_BENCH_SIDE", 224);
+        // No reuse: every window is new content.
+        let engine = load(0);
+        let work = |n: usize, salt: u64| -> Vec<Vec<Request>> {
+            (0..n)
+                .map(|s| {
+                    (0..requests)
+                        .map(|k| request(video(1, side, salt + (s * 100 + k) as u64), tokens, format!("cam{s}")))
+                        .collect()
+                })
+                .collect()
+        };
+        serve(&engine, request(video(1, side, 999), 4, "warmup".into()));
+        let mut rows = Vec::new();
+        let mut one_tok_s = 0.0;
+        for (i, n) in [1usize, 2, 4, 8].into_iter().enumerate() {
+            let (served, wall) = streams(&engine, work(n, 10_000 * i as u64));
+            let (serial, serial_wall) =
+                streams(&engine, vec![work(n, 10_000 * i as u64 + 5_000).into_iter().flatten().collect()]);
+            let tok: usize = served.iter().map(|s| s.tokens).sum();
+            let tok_s = tok as f64 / wall;
+            if n == 1 {
+                one_tok_s = tok_s;
+            }
+            let serial_tok_s = serial.iter().map(|s| s.tokens).sum::<usize>() as f64 / serial_wall;
+            let ttft: Vec<f64> = served.iter().map(Served::ttft_ms).collect();
+            let serial_ttft: Vec<f64> = serial.iter().map(Served::ttft_ms).collect();
+            rows.push(json!({
+                "streams": n,
+                "windows_per_s": round(served.len() as f64 / wall),
+                "tokens_per_s": round(tok_s),
+                "ttft_ms_p50": round(percentile(&ttft, 0.5)),
+                "ttft_ms_p99": round(percentile(&ttft, 0.99)),
+                "serial_windows_per_s": round(serial.len() as f64 / serial_wall),
+                "serial_tokens_per_s": round(serial_tok_s),
+                "serial_ttft_ms_p50": round(percentile(&serial_ttft, 0.5)),
+                "serial_ttft_ms_p99": round(percentile(&serial_ttft, 0.99)),
+                "tokens_per_s_vs_serial": round(tok_s / serial_tok_s),
+                "tokens_per_s_vs_one_stream": round(tok_s / one_tok_s),
+            }));
+        }
+        let (steps, decoded) = (engine.stats().decode_steps.load(Relaxed), engine.stats().decode_tokens.load(Relaxed));
+        println!(
+            "{}",
+            json!({ "part": "concurrency", "side": side, "tokens": tokens, "requests_per_stream": requests,
+                    "mean_batch": round(decoded as f64 / steps.max(1) as f64), "rows": rows })
+        );
+    }
+
+    if parts.contains("vss") {
+        let pairs: usize = env("LOOKOUT_BENCH_VSS_PAIRS", 40);
+        let side: usize = env("LOOKOUT_BENCH_VSS_SIDE", 448);
+        let engine = load(0);
+        let mut rows = Vec::new();
+        for tokens in [1usize, 100] {
+            let t = Instant::now();
+            let s = serve(&engine, request(video(pairs, side, tokens as u64), tokens, "vss".into()));
+            let took = t.elapsed().as_secs_f64();
+            // Frames are two per pair at 8 fps: 80 frames are 10 s.
+            let covers = pairs as f64 * 2.0 / 8.0;
+            rows.push(json!({
+                "answer_tokens": tokens,
+                "window_s_of_video": covers,
+                "window_s_to_analyse": round(took),
+                "vision_ms": round(s.timings.vision_ms),
+                "prefill_ms": round(s.timings.prefill_ms),
+                "ttft_ms": round(s.ttft_ms()),
+                "streams_in_real_time": (covers / took).floor(),
+            }));
+        }
+        println!("{}", json!({ "part": "vss", "pairs": pairs, "side": side, "rows": rows }));
+    }
+
+    if parts.contains("overlap") {
+        let side: usize = env("LOOKOUT_BENCH_SIDE", 224);
+        let (window, stride, windows) = (8usize, 2usize, 6usize);
+        let stream = video((windows - 1) * stride + window, side, 77);
+        let run = |engine: &Engine| -> (f64, f64) {
+            let served: Vec<Served> = (0..windows)
+                .map(|k| serve(engine, request(pairs_of(&stream, k * stride, window), 1, "cam".into())))
+                .collect();
+            // The first window is cold either way.
+            let rest = &served[1..];
+            let n = rest.len() as f64;
+            (
+                rest.iter().map(|s| s.timings.vision_ms).sum::<f64>() / n,
+                rest.iter().map(Served::ttft_ms).sum::<f64>() / n,
+            )
+        };
+        let (cold_vision, cold_ttft) = run(&load(0));
+        let (warm_vision, warm_ttft) = run(&load(512 << 20));
+        println!(
+            "{}",
+            json!({ "part": "overlap", "window_pairs": window, "stride_pairs": stride, "side": side,
+                    "cold_vision_ms": round(cold_vision), "overlapped_vision_ms": round(warm_vision),
+                    "vision_share": round(warm_vision / cold_vision),
+                    "cold_ttft_ms": round(cold_ttft), "overlapped_ttft_ms": round(warm_ttft) })
+        );
+    }
+
+    if parts.contains("live") {
+        let side: usize = env("LOOKOUT_BENCH_SIDE", 224);
+        let clip_pairs: usize = env("LOOKOUT_BENCH_CLIP_PAIRS", 64);
+        let engine = load(0);
+        let live = |seed: u64| {
+            let mut r = request(video(4, side, seed), 16, "camera".into());
+            r.schedule = Schedule::background("camera");
+            r
+        };
+        serve(&engine, live(1));
+        let alone: Vec<f64> = (0..3).map(|k| serve(&engine, live(10 + k)).ttft_ms()).collect();
+        let (during, clip_s) = std::thread::scope(|s| {
+            let clip = s.spawn(|| {
+                let t = Instant::now();
+                serve(&engine, request(video(clip_pairs, side, 5), 16, "upload".into()));
+                t.elapsed().as_secs_f64()
+            });
+            // Let the clip's work start.
+            while engine.stats().running.load(Relaxed) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let during: Vec<f64> = (0..3).map(|k| serve(&engine, live(20 + k)).ttft_ms()).collect();
+            (during, clip.join().expect("the clip thread panicked"))
+        });
+        let (a, d) = (percentile(&alone, 0.5), percentile(&during, 0.5));
+        println!(
+            "{}",
+            json!({ "part": "live", "side": side, "clip_pairs": clip_pairs, "clip_s": round(clip_s),
+                    "live_ttft_ms_alone": round(a), "live_ttft_ms_during_clip": round(d), "ratio": round(d / a) })
+        );
+    }
+}

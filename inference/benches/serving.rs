@@ -154,6 +154,53 @@ fn main() {
         json!({ "model": dir, "device": env("LOOKOUT_BENCH_DEVICE", "cpu".to_owned()), "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) })
     );
 
+    if parts.contains("steps") {
+        // The model alone: one decode step of B sequences (a 256-token prompt each) in one
+        // batched forward, against B single steps.
+        let files = inference::files::ModelFiles::resolve(&dir).unwrap();
+        let cfg = inference::config::Config::from_json(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
+        let device = opts.device.open().unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: the bench does not modify the weights while they are mapped.
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &device) }.unwrap();
+        let model = inference::model::Qwen3VL::new(&cfg, vb).unwrap();
+        let prompt: Vec<u32> = (0..256).map(|i| 100 + i).collect();
+        let mut rows = Vec::new();
+        for b in [1usize, 2, 4, 8, 16] {
+            let mut caches: Vec<_> = (0..b)
+                .map(|_| {
+                    let mut c = model.new_cache();
+                    let kinds = vec![inference::positions::TokenKind::Text; prompt.len()];
+                    let p: Vec<i64> = (0..prompt.len() as i64).collect();
+                    let positions =
+                        inference::positions::PromptPositions { axes: [p.clone(), p.clone(), p], rope_delta: 0 };
+                    model.prefill(&prompt, &kinds, &positions, None, &mut c).unwrap();
+                    c
+                })
+                .collect();
+            let steps = 16;
+            let t = Instant::now();
+            for k in 0..steps {
+                let tokens = vec![7u32; b];
+                let pos = vec![256 + k as i64; b];
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                model.decode_batch(&tokens, &pos, &mut refs).unwrap();
+            }
+            let batched = t.elapsed().as_secs_f64() / steps as f64;
+            let t = Instant::now();
+            for k in 0..steps {
+                for c in caches.iter_mut() {
+                    model.decode(7, 256 + steps as i64 + k as i64, c).unwrap();
+                }
+            }
+            let single = t.elapsed().as_secs_f64() / steps as f64;
+            rows.push(json!({ "batch": b, "batched_step_ms": round(batched * 1000.0), "single_steps_ms": round(single * 1000.0),
+                              "tokens_per_s": round(b as f64 / batched), "speedup": round(single / batched) }));
+        }
+        println!("{}", json!({ "part": "steps", "rows": rows }));
+    }
+
     if parts.contains("concurrency") {
         let requests: usize = env("LOOKOUT_BENCH_REQUESTS", 3);
         let tokens: usize = env("LOOKOUT_BENCH_TOKENS", 64);

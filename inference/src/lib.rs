@@ -12,8 +12,10 @@
 //!   llguidance and reports when an answer is decided.
 //! - [`reuse::VisionCache`] keeps each frame pair's vision features for the overlapping
 //!   windows that contain it again.
-//! - [`engine::Engine`] owns a loaded model on its own thread and streams [`engine::EngineEvent`]s
-//!   for each request.
+//! - [`engine::Engine`] owns a loaded model on its own thread, serves several requests at once
+//!   (continuous batching: chunked vision and prefill between batched decode steps, admission
+//!   within a KV budget, interactive first and sources in turn) and streams
+//!   [`engine::EngineEvent`]s for each request.
 //!
 //! Everything follows `reference/qwen3-vl.md` and is checked against transformers 5.24.0 by the
 //! tests in `tests/`.

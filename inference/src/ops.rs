@@ -8,25 +8,45 @@ use candle_nn::VarBuilder;
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// A few input rows go through the few-row kernel (the text decoder's batched decode
+    /// steps). Off for the vision tower, whose pairs must encode bit for bit alike whatever
+    /// else is in the batch.
+    few_rows: bool,
 }
 
 impl Linear {
     pub(crate) fn load(vb: VarBuilder<'_>, inp: usize, out: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out, inp), "weight")?;
         let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, few_rows: false })
     }
 
     pub(crate) fn from_weight(weight: Tensor) -> Self {
-        Linear { weight, bias: None }
+        Linear { weight, bias: None, few_rows: false }
+    }
+
+    /// Lets a few input rows take the few-row kernel (see [`crate::fastmath::skinny_matmul`]).
+    pub(crate) fn few_rows(mut self) -> Self {
+        self.few_rows = true;
+        self
+    }
+
+    /// `x W^T`: a few rows (a batched decode step) by the few-row kernel on the CPU.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        if self.few_rows
+            && let Some(y) = crate::fastmath::skinny_matmul(x, &self.weight)?
+        {
+            return Ok(y);
+        }
+        x.matmul(&self.weight.t()?)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match x.dims() {
-            [b, n, k] => x.reshape((b * n, *k))?.matmul(&self.weight.t()?)?.reshape((*b, *n, ()))?,
-            _ => x.matmul(&self.weight.t()?)?,
+            [b, n, k] => self.matmul(&x.reshape((b * n, *k))?)?.reshape((*b, *n, ()))?,
+            _ => self.matmul(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -58,10 +58,10 @@ impl KvCache {
         self.cap = 0;
     }
 
-    /// Appends `k`, `v` (`(1, kv_heads, n, head_dim)`) for `layer` and returns the whole cached
-    /// keys and values. Every layer appends the same `n` per step; the length advances when the
-    /// last layer has appended.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, last_layer: bool) -> Result<(Tensor, Tensor)> {
+    /// Appends `k`, `v` (`(1, kv_heads, n, head_dim)`) for `layer` and returns the layer's cached
+    /// keys and values at their whole capacity, and how many positions they hold now. Every
+    /// layer appends the same `n` per step; the length advances when the last layer has appended.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, last_layer: bool) -> Result<(Tensor, Tensor, usize)> {
         let n = k.dim(2)?;
         let need = self.len + n;
         if need > self.cap {
@@ -93,7 +93,7 @@ impl KvCache {
         let (ck, cv) = slot.as_ref().ok_or_else(|| candle_core::Error::Msg("kv slot".into()))?;
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
-        let out = (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?);
+        let out = (ck.clone(), cv.clone(), need);
         if last_layer {
             self.len = need;
         }
@@ -184,19 +184,19 @@ impl TextModel {
             let bias = cfg.attention_bias;
             layers.push(Layer {
                 attn: Attention {
-                    q: Linear::load(a.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
-                    k: Linear::load(a.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?,
-                    v: Linear::load(a.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?,
-                    o: Linear::load(a.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?,
+                    q: Linear::load(a.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?.few_rows(),
+                    k: Linear::load(a.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?.few_rows(),
+                    v: Linear::load(a.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?.few_rows(),
+                    o: Linear::load(a.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?.few_rows(),
                     q_norm: RmsNorm::load(a.pp("q_norm"), hd, eps)?,
                     k_norm: RmsNorm::load(a.pp("k_norm"), hd, eps)?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
                 },
-                gate: Linear::load(l.pp("mlp.gate_proj"), h, cfg.intermediate_size, false)?,
-                up: Linear::load(l.pp("mlp.up_proj"), h, cfg.intermediate_size, false)?,
-                down: Linear::load(l.pp("mlp.down_proj"), cfg.intermediate_size, h, false)?,
+                gate: Linear::load(l.pp("mlp.gate_proj"), h, cfg.intermediate_size, false)?.few_rows(),
+                up: Linear::load(l.pp("mlp.up_proj"), h, cfg.intermediate_size, false)?.few_rows(),
+                down: Linear::load(l.pp("mlp.down_proj"), cfg.intermediate_size, h, false)?.few_rows(),
                 input_norm: RmsNorm::load(l.pp("input_layernorm"), h, eps)?,
                 post_norm: RmsNorm::load(l.pp("post_attention_layernorm"), h, eps)?,
             });
@@ -206,7 +206,8 @@ impl TextModel {
             Linear::from_weight(embed.clone())
         } else {
             Linear::from_weight(head_vb.get((cfg.vocab_size, h), "weight")?)
-        };
+        }
+        .few_rows();
         let theta = cfg.rope_theta() as f32;
         let inv_freq: Vec<f32> = (0..hd).step_by(2).map(|j| 1.0 / theta.powf(j as f32 / hd as f32)).collect();
         let sec = cfg.mrope_section();
@@ -406,14 +407,20 @@ impl Attention {
         budget: usize,
     ) -> Result<Tensor> {
         let (b, _, n, hd) = q.dims4()?;
-        let (k, v) = cache.append(layer, k, v, last_layer)?;
-        let total = k.dim(2)?;
+        let (k, v, total) = cache.append(layer, k, v, last_layer)?;
+        let scale = (hd as f64).powf(-0.5);
+        // One new position: attended in place over the cache, nothing copied.
+        if n == 1
+            && let Some(o) = crate::fastmath::decode_attention(q, &k, &v, total, scale)?
+        {
+            return Ok(o);
+        }
+        let (k, v) = (k.narrow(2, 0, total)?, v.narrow(2, 0, total)?);
         let past = total - n;
         // GQA without copying K/V: fold the query heads that share a KV head into the rows.
         let rep = self.heads / self.kv_heads;
         let kt = k.contiguous()?.t()?;
         let v = v.contiguous()?;
-        let scale = (hd as f64).powf(-0.5);
         // A long prompt is attended a block of query rows at a time (each row's softmax is its own).
         let block = rows_per_block(self.heads, total, n, budget);
         let mut outs = Vec::with_capacity(n.div_ceil(block));

@@ -823,6 +823,9 @@ async fn overlapping_windows_reuse_frame_pairs_and_say_the_same() {
         assert_eq!(value("lookout_engine_requests_waiting"), 0);
         assert_eq!(value("lookout_kv_cache_bytes"), 0);
         assert_eq!(value("lookout_kv_cache_budget_bytes"), 4096 << 20);
+        let (steps, decoded) =
+            (value("lookout_engine_decode_steps_total"), value("lookout_engine_decode_tokens_total"));
+        assert!(steps > 0 && decoded >= steps, "{steps} decode steps, {decoded} tokens");
         if cache_mb > 0 {
             assert!(texts.len() >= 2, "{texts:?}");
             assert!(reused >= 2, "reused {reused}, encoded {encoded}: {metrics}");

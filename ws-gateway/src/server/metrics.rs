@@ -191,13 +191,27 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
             "Bytes of vision features the reuse cache holds.",
             load(&e.vision_cache_bytes),
         );
-        s.gauge("lookout_engine_requests_running", "Requests the engine is serving now.", load(&e.running));
-        s.gauge("lookout_engine_requests_waiting", "Requests waiting in the engine's queue.", engine.waiting() as u64);
+        s.gauge(
+            "lookout_engine_requests_running",
+            "Requests the engine has admitted and serves together now.",
+            load(&e.running),
+        );
+        s.gauge("lookout_engine_requests_waiting", "Requests waiting for admission.", engine.waiting() as u64);
         s.gauge("lookout_kv_cache_bytes", "Bytes of KV cache allocated now.", load(&e.kv_cache_bytes));
         s.gauge(
             "lookout_kv_cache_budget_bytes",
-            "Bytes of KV cache one request may take (--kv-cache-mb).",
+            "Bytes of KV cache the running requests may take together (--kv-cache-mb).",
             state.config.kv_cache_mb.saturating_mul(1 << 20),
+        );
+        s.counter(
+            "lookout_engine_decode_steps",
+            "Batched decode steps (one forward for every request decoding).",
+            load(&e.decode_steps),
+        );
+        s.counter(
+            "lookout_engine_decode_tokens",
+            "Tokens decoded in those steps (over the steps: the mean batch).",
+            load(&e.decode_tokens),
         );
     }
     let l = &w.latency;

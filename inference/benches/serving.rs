@@ -2,16 +2,19 @@
 //! benches/serving.sh runs it.
 //!
 //! ```text
-//! LOOKOUT_BENCH_MODEL=DIR [LOOKOUT_BENCH_PARTS=concurrency,vss,overlap,live] [LOOKOUT_BENCH_DEVICE=cpu]
+//! LOOKOUT_BENCH_MODEL=DIR [LOOKOUT_BENCH_PARTS=steps,concurrency,vss,overlap,live] [LOOKOUT_BENCH_DEVICE=cpu]
 //!   [LOOKOUT_BENCH_DTYPE=f32] [LOOKOUT_BENCH_REQUESTS=3] [LOOKOUT_BENCH_TOKENS=64]
 //!   [LOOKOUT_BENCH_SIDE=224] [LOOKOUT_BENCH_VSS_PAIRS=40] [LOOKOUT_BENCH_VSS_SIDE=448]
 //!   [LOOKOUT_BENCH_CLIP_PAIRS=64] cargo bench -p inference --bench serving
 //! ```
 //!
+//! - `steps`: the model alone, one decode step of 1 to 16 sequences (256-token contexts) in one
+//!   batched forward against as many single steps.
 //! - `concurrency`: 1, 2, 4 and 8 streams, each sending REQUESTS windows of one frame pair at
-//!   SIDE and taking TOKENS tokens each (end of sequence ignored), one window after another as
-//!   a watch does; the same requests one at a time on the same engine: windows/s, aggregate
-//!   tokens/s, time to first token (queue included) p50/p99, and the ratios.
+//!   SIDE (SIDE 0: text prompts) and taking TOKENS tokens each (end of sequence ignored), one
+//!   window after another as a watch does; the same requests one at a time on the same engine:
+//!   windows/s, tokens/s over the wall time, decode tokens/s over the decode steps' time, time to
+//!   first token (queue included) p50/p99, and the ratios.
 //! - `vss`: windows of VSS_PAIRS pairs (80 frames) at VSS_SIDE, answers of 1 and of 100 tokens:
 //!   the seconds of video one window covers (10 s) against the seconds it takes, so how many
 //!   streams hold real time.
@@ -64,10 +67,16 @@ fn pairs_of(v: &VideoInput, from: usize, n: usize) -> VideoInput {
     }
 }
 
+/// A window of `video`, or (no pairs) a text prompt.
 fn request(video: VideoInput, tokens: usize, source: String) -> Request {
+    let text = video.grid_thw[0] == 0;
     Request {
-        messages: vec![Message::user_video("Describe what happens.")],
-        videos: vec![video],
+        messages: vec![if text {
+            Message::text("user", "Describe what happens.")
+        } else {
+            Message::user_video("Describe what happens.")
+        }],
+        videos: if text { vec![] } else { vec![video] },
         generation: GenerationParams {
             sampling: SamplingParams::greedy(),
             max_tokens: tokens,
@@ -138,7 +147,7 @@ fn main() {
         println!("set LOOKOUT_BENCH_MODEL to a checkpoint directory (benches/serving.sh makes one)");
         return;
     };
-    let parts: String = env("LOOKOUT_BENCH_PARTS", "concurrency,vss,overlap,live".to_owned());
+    let parts: String = env("LOOKOUT_BENCH_PARTS", "steps,concurrency,vss,overlap,live".to_owned());
     let mut opts = LoadOptions::new(dir.clone());
     opts.device = env("LOOKOUT_BENCH_DEVICE", "cpu".to_owned()).parse().unwrap();
     opts.dtype = inference::parse_dtype(&env("LOOKOUT_BENCH_DTYPE", "f32".to_owned())).unwrap();
@@ -207,22 +216,36 @@ fn main() {
         let side: usize = env("LOOKOUT_BENCH_SIDE", 224);
         // No reuse: every window is new content.
         let engine = load(0);
+        // SIDE 0: text prompts (decode-bound).
+        let pairs = usize::from(side > 0);
+        let side = side.max(16);
         let work = |n: usize, salt: u64| -> Vec<Vec<Request>> {
             (0..n)
                 .map(|s| {
                     (0..requests)
-                        .map(|k| request(video(1, side, salt + (s * 100 + k) as u64), tokens, format!("cam{s}")))
+                        .map(|k| request(video(pairs, side, salt + (s * 100 + k) as u64), tokens, format!("cam{s}")))
                         .collect()
                 })
                 .collect()
         };
-        serve(&engine, request(video(1, side, 999), 4, "warmup".into()));
+        serve(&engine, request(video(pairs, side, 999), 4, "warmup".into()));
+        let decode = |e: &Engine| (e.stats().decode_tokens.load(Relaxed), e.stats().decode_micros.load(Relaxed));
         let mut rows = Vec::new();
         let mut one_tok_s = 0.0;
+        let mut one_decode = 0.0;
         for (i, n) in [1usize, 2, 4, 8].into_iter().enumerate() {
+            let d0 = decode(&engine);
             let (served, wall) = streams(&engine, work(n, 10_000 * i as u64));
+            let d1 = decode(&engine);
             let (serial, serial_wall) =
                 streams(&engine, vec![work(n, 10_000 * i as u64 + 5_000).into_iter().flatten().collect()]);
+            let d2 = decode(&engine);
+            // Decode tokens per second of decode steps.
+            let rate = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1) as f64 / 1e6).max(1e-9);
+            let (decode_rate, serial_decode_rate) = (rate(d0, d1), rate(d1, d2));
+            if n == 1 {
+                one_decode = decode_rate;
+            }
             let tok: usize = served.iter().map(|s| s.tokens).sum();
             let tok_s = tok as f64 / wall;
             if n == 1 {
@@ -243,12 +266,15 @@ fn main() {
                 "serial_ttft_ms_p99": round(percentile(&serial_ttft, 0.99)),
                 "tokens_per_s_vs_serial": round(tok_s / serial_tok_s),
                 "tokens_per_s_vs_one_stream": round(tok_s / one_tok_s),
+                "decode_tokens_per_s": round(decode_rate),
+                "serial_decode_tokens_per_s": round(serial_decode_rate),
+                "decode_tokens_per_s_vs_one_stream": round(decode_rate / one_decode),
             }));
         }
         let (steps, decoded) = (engine.stats().decode_steps.load(Relaxed), engine.stats().decode_tokens.load(Relaxed));
         println!(
             "{}",
-            json!({ "part": "concurrency", "side": side, "tokens": tokens, "requests_per_stream": requests,
+            json!({ "part": "concurrency", "pairs": pairs, "side": side, "tokens": tokens, "requests_per_stream": requests,
                     "mean_batch": round(decoded as f64 / steps.max(1) as f64), "rows": rows })
         );
     }

@@ -158,6 +158,8 @@ pub struct EngineStats {
     pub decode_steps: AtomicU64,
     /// Tokens those steps decoded (over `decode_steps`: the mean batch).
     pub decode_tokens: AtomicU64,
+    /// Microseconds those steps' forwards took.
+    pub decode_micros: AtomicU64,
     /// Bytes of KV cache allocated now.
     pub kv_cache_bytes: AtomicU64,
 }

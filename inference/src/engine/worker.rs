@@ -297,12 +297,14 @@ impl Worker {
     fn forward(&self, running: &mut [Sequence], fed: &[usize]) -> Vec<(usize, Error)> {
         let lens: Vec<usize> = fed.iter().map(|&i| running[i].cache.len()).collect();
         let (tokens, positions): (Vec<u32>, Vec<i64>) = fed.iter().filter_map(|&i| running[i].feed).unzip();
+        let t = std::time::Instant::now();
         let batched = guard(|| {
             let mut caches: Vec<&mut KvCache> =
                 running.iter_mut().filter(|s| s.feed.is_some()).map(|s| &mut s.cache).collect();
             let logits = self.model.decode_batch(&tokens, &positions, &mut caches)?;
             Ok(logits.to_vec2::<f32>()?)
         });
+        self.stats.decode_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         self.stats.decode_tokens.fetch_add(fed.len() as u64, Ordering::Relaxed);
         match batched {

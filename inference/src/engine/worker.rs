@@ -154,6 +154,8 @@ impl Worker {
                         self.stats.vision_encoded.fetch_add(count.misses as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
+                        // A panic may have left the reuse cache half-updated.
+                        self.vision_cache.clear();
                         let seq = running.remove(i);
                         self.fail(seq, e, &running);
                     }

@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 shape=${1:-small}
 device=${2:-cpu}
+. benches/common.sh
 mkdir -p .bench
-model=$PWD/.bench/$shape-model
-[ -f "$model/model.safetensors" ] || tools/reference/run.sh make_bench_model.py "$model" "$shape" >/dev/null
+model=$(bench_model "$shape")
 features=()
 [ "$device" = cpu ] || features=(--features cuda)
 LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device LOOKOUT_BENCH_DTYPE=${LOOKOUT_BENCH_DTYPE:-f32} LOOKOUT_BENCH_INPUTS=$PWD/.bench/bench-inputs.safetensors \

@@ -10,15 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+. benches/common.sh
 shape=${1:-small}
 device=${2:-cpu}
-if [ "$shape" = tiny ]; then
-  model=$PWD/fixtures/models/tiny-tied
-else
-  mkdir -p .bench
-  model=$PWD/.bench/$shape-model
-  [ -f "$model/model.safetensors" ] || tools/reference/run.sh make_bench_model.py "$model" "$shape" >/dev/null
-fi
+model=$(bench_model "$shape")
 features=()
 [ "$device" = cpu ] || features=(--features cuda)
 LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device cargo bench -q --locked -p inference "${features[@]}" --bench serving

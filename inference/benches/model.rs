@@ -14,6 +14,8 @@ use std::time::Instant;
 
 // Tensor ops allocate and free large buffers constantly; glibc malloc returns them to the OS each
 // time (page faults on every op), mimalloc keeps them.
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -62,15 +64,7 @@ fn main() {
     let grid = [pairs, g, g];
     let rows = pairs * g * g;
     // Deterministic pseudo-random pixels in [-1, 1].
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let pixels: Vec<f32> = (0..rows * 1536)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let pixels = common::pixels(rows * 1536, 0);
     let timestamps: Vec<f64> = (0..pairs).map(|i| i as f64 + 0.5).collect();
     let prompt = processor
         .prepare(

@@ -12,6 +12,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -47,15 +49,7 @@ fn main() {
     let g = side / 16;
     let pair_len = g * g * 1536;
     let total_pairs = (windows - 1) * stride + window;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let stream: Vec<f32> = (0..total_pairs * pair_len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let stream = common::pixels(total_pairs * pair_len, 0);
     let window_of = |k: usize| &stream[k * stride * pair_len..(k * stride + window) * pair_len];
     let grid = [window, g, g];
     let bits = |t: &Tensor| -> Vec<u32> {

@@ -28,6 +28,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -44,15 +46,7 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Random patch rows of `pairs` frame pairs at `side` x `side`, from `seed`.
 fn video(pairs: usize, side: usize, seed: u64) -> VideoInput {
     let g = side / 16;
-    let mut state = 0x2545_f491_4f6c_dd1du64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let pixel_values = (0..pairs * g * g * 1536)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let pixel_values = common::pixels(pairs * g * g * 1536, seed);
     VideoInput { pixel_values, grid_thw: [pairs, g, g], timestamps: (0..pairs).map(|i| i as f64).collect() }
 }
 

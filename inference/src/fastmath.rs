@@ -100,6 +100,113 @@ fn skinny_block(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The same blocks with AVX2 and FMA intrinsics: tiles of 4 input rows by 2 weight rows, eight
+/// accumulators in registers, so every weight chunk loaded serves four rows and every input
+/// chunk two (the portable loop, as the compiler vectorizes it, keeps two accumulators and waits
+/// on the multiply-add's latency).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Whether [`block`] may run: the CPU has AVX2 and FMA, and rows are whole 8-lane chunks.
+    pub(super) fn usable(k: usize) -> bool {
+        k.is_multiple_of(8) && k > 0 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// `out[j * m + i] = x_i . w_j`.
+    ///
+    /// # Safety
+    /// [`usable`]`(k)`, `x.len() >= m * k`, `w.len() % k == 0` and `out.len() >= w.len() / k * m`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+        let rows = w.len() / k;
+        let mut j = 0;
+        while j < rows {
+            let pair = j + 1 < rows;
+            let mut i = 0;
+            while i < m {
+                let left = m - i;
+                // SAFETY: the tiles stay within `x`, `w` and `out` by the contract above.
+                unsafe {
+                    match (left >= 4, pair) {
+                        (true, true) => tile::<4, 2>(x, i, w, j, k, m, out),
+                        (true, false) => tile::<4, 1>(x, i, w, j, k, m, out),
+                        (false, true) => tile::<1, 2>(x, i, w, j, k, m, out),
+                        (false, false) => tile::<1, 1>(x, i, w, j, k, m, out),
+                    }
+                }
+                i += if left >= 4 { 4 } else { 1 };
+            }
+            j += if pair { 2 } else { 1 };
+        }
+    }
+
+    /// Rows `i..i + R` of `x` by rows `j..j + C` of `w`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA, `k % 8 == 0`, and the rows exist.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        x: &[f32],
+        i: usize,
+        w: &[f32],
+        j: usize,
+        k: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let mut at = 0;
+        while at < k {
+            // SAFETY: `at + 8 <= k` and the rows exist (the caller's contract).
+            unsafe {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wp.add((j + c) * k + at));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(xp.add((i + r) * k + at));
+                    for (a, wc) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *wc, *a);
+                    }
+                }
+            }
+            at += 8;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                out[(j + c) * m + i + r] = hsum(*a);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// One block of [`skinny_matmul`], by the intrinsics where the CPU has them.
+fn skinny_block_any(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable(k) && x.len() >= m * k && w.len().is_multiple_of(k) && out.len() >= w.len() / k * m {
+        // SAFETY: `usable` checked the CPU and the width; the lengths are checked here.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::block(x, m, k, w, out)
+        };
+        return;
+    }
+    skinny_block(x, m, k, w, out);
+}
+
 /// Input rows up to which [`skinny_matmul`] beats candle's matmul (it packs the weights).
 pub(crate) const SKINNY_ROWS: usize = 32;
 
@@ -127,7 +234,7 @@ impl candle_core::CustomOp2 for Skinny {
         // Blocks of weight rows, big enough to amortize the hand-off to the thread pool.
         let rows = (CHUNK / k.max(1)).max(1);
         let mut t = vec![0f32; n * m];
-        t.par_chunks_mut(rows * m).zip(w.par_chunks(rows * k)).for_each(|(o, w)| skinny_block(x, m, k, w, o));
+        t.par_chunks_mut(rows * m).zip(w.par_chunks(rows * k)).for_each(|(o, w)| skinny_block_any(x, m, k, w, o));
         // (n, m) -> (m, n)
         let mut out = vec![0f32; m * n];
         for (j, row) in t.chunks_exact(m).enumerate() {
@@ -336,8 +443,9 @@ mod tests {
         close(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
         close(&silu(&x).unwrap(), &x.silu().unwrap());
         close(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap());
-        // The few-row matmul, against candle's, for every row count it takes and an odd width.
-        for (m, k, n) in [(1, 64, 3), (2, 37, 5), (3, 512, 70), (32, 100, 9)] {
+        // The few-row matmul, against candle's: widths of whole 8-lane chunks (the AVX2 tiles where
+        // the CPU has them, with row and column tails) and odd widths (the portable loop).
+        for (m, k, n) in [(1, 64, 3), (2, 37, 5), (3, 512, 70), (6, 64, 7), (32, 100, 9), (32, 96, 11)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
             let ours = skinny_matmul(&x, &w).unwrap().expect("taken");

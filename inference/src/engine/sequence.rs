@@ -197,7 +197,9 @@ impl Sequence {
         let mut count = ReuseCount::default();
         if let Phase::Vision(work) = &mut self.phase {
             let t = Instant::now();
-            if !work.left.is_empty() {
+            // A request without video goes straight on to its prefill in this step.
+            let encoded = !work.left.is_empty();
+            if encoded {
                 // A visual token is four patch rows through the tower: a quarter as many per step
                 // keeps a vision step about as long as a prefill step.
                 let tokens = (cx.chunk / 4).max(1);
@@ -214,7 +216,9 @@ impl Sequence {
                 self.phase = Phase::Prefill(input);
             }
             self.vision_ms += ms(t.elapsed());
-            return Ok(count);
+            if encoded {
+                return Ok(count);
+            }
         }
         let Phase::Prefill(input) = &self.phase else { return Ok(count) };
         let t = Instant::now();

@@ -150,6 +150,8 @@ pub struct EngineStats {
     pub vision_reused: AtomicU64,
     /// Frame pairs the vision tower encoded.
     pub vision_encoded: AtomicU64,
+    /// Passes through the vision tower (one pass can encode several requests' pairs).
+    pub vision_passes: AtomicU64,
     /// Bytes the reuse cache holds now.
     pub vision_cache_bytes: AtomicU64,
     /// Requests being served now (admitted: encoding, prefilling or decoding).

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{EngineEvent, FinishReason, GenerationParams, Job, Priority, Request, Timings, Usage, VideoInput};
@@ -13,7 +13,6 @@ use crate::Error;
 use crate::answer::{Decision, LazyGrammars, MaskWorker};
 use crate::model::{PrefillInput, Qwen3VL};
 use crate::processor::{Processor, Prompt, TokenStream};
-use crate::reuse::{ReuseCount, VisionCache};
 use crate::sampling::Sampler;
 use crate::text::KvCache;
 use crate::vision::VisionOutput;
@@ -74,45 +73,35 @@ impl VisionWork {
         self.left.iter().map(|(_, g)| g.iter().product::<usize>() / 4).sum()
     }
 
-    /// Encodes the next chunk of at most `chunk` visual tokens (at least one frame pair);
-    /// returns what the cache reused. Everything at once when it fits (the rows reach the tower
-    /// uncopied).
-    fn step(
-        &mut self,
-        cache: &mut VisionCache,
-        model: &Qwen3VL,
-        device: &Device,
-        chunk: usize,
-    ) -> candle_core::Result<ReuseCount> {
-        let (data, grids) = if self.done.is_empty() && self.tokens() <= chunk {
+    /// Visual tokens of the next frame pair to encode (0 when none is left).
+    fn next_pair_tokens(&self) -> usize {
+        self.left.last().map_or(0, |(_, [_, h, w])| h * w / 4)
+    }
+
+    /// The next chunk to encode: the rows and grids of at most `chunk` visual tokens (at least
+    /// one frame pair). Everything at once when it fits (the rows are moved, not copied).
+    fn take(&mut self, chunk: usize) -> Option<(Vec<f32>, Vec<[usize; 3]>)> {
+        if self.done.is_empty() && self.tokens() <= chunk {
             let grids: Vec<[usize; 3]> = self.left.iter().map(|(_, g)| *g).collect();
             let data = if self.left.len() == 1 {
-                self.left.pop().map(|(d, _)| d).unwrap_or_default()
+                self.left.pop().map(|(d, _)| d)?
             } else {
                 self.left.drain(..).flat_map(|(d, _)| d).collect()
             };
-            (data, grids)
-        } else {
-            let Some((rows, [t, h, w])) = self.left.last_mut() else {
-                candle_core::bail!("no vision work is left");
-            };
-            let (t, h, w) = (*t, *h, *w);
-            let per_pair = (h * w / 4).max(1);
-            let take = (chunk / per_pair).clamp(1, t);
-            if take == t {
-                let Some((rows, grid)) = self.left.pop() else { candle_core::bail!("no vision work is left") };
-                (rows, vec![grid])
-            } else {
-                let tail = rows.split_off((t - take) * h * w * PATCH);
-                if let Some((_, g)) = self.left.last_mut() {
-                    g[0] = t - take;
-                }
-                (tail, vec![[take, h, w]])
-            }
-        };
-        let (out, count) = cache.encode(&model.vision, device, data, &grids)?;
-        self.done.push(out);
-        Ok(count)
+            return Some((data, grids));
+        }
+        let (rows, [t, h, w]) = self.left.last_mut()?;
+        let (t, h, w) = (*t, *h, *w);
+        let take = (chunk / (h * w / 4).max(1)).clamp(1, t);
+        if take == t {
+            let (rows, grid) = self.left.pop()?;
+            return Some((rows, vec![grid]));
+        }
+        let tail = rows.split_off((t - take) * h * w * PATCH);
+        if let Some((_, g)) = self.left.last_mut() {
+            g[0] = t - take;
+        }
+        Some((tail, vec![[take, h, w]]))
     }
 
     /// The chunks (last first) put together in order.
@@ -139,7 +128,6 @@ pub(super) struct Context<'a> {
     pub(super) processor: &'a Arc<Processor>,
     pub(super) grammars: &'a LazyGrammars,
     pub(super) eos: &'a [u32],
-    pub(super) vision_cache: &'a mut VisionCache,
     /// Tokens per vision or prefill chunk.
     pub(super) chunk: usize,
 }
@@ -192,35 +180,58 @@ impl Sequence {
         matches!(self.phase, Phase::Decode(_))
     }
 
-    /// One chunk of vision or prefill work; returns what the vision cache reused.
-    pub(super) fn prepare_step(&mut self, cx: &mut Context<'_>) -> Result<ReuseCount, Error> {
-        let mut count = ReuseCount::default();
-        if let Phase::Vision(work) = &mut self.phase {
-            let t = Instant::now();
-            // A request without video goes straight on to its prefill in this step.
-            let encoded = !work.left.is_empty();
-            if encoded {
-                // A visual token is four patch rows through the tower: a quarter as many per step
-                // keeps a vision step about as long as a prefill step.
-                let tokens = (cx.chunk / 4).max(1);
-                count = work.step(cx.vision_cache, cx.model, cx.model.device(), tokens).inspect_err(|_| {
-                    // An error may have left the cache half-updated.
-                    cx.vision_cache.clear();
-                })?;
-            }
-            if work.left.is_empty() {
-                let done = std::mem::take(&mut work.done);
-                let vision = if done.is_empty() { None } else { Some(VisionWork::join(done)?) };
-                let p = &self.prompt;
-                let input = cx.model.prefill_input(&p.ids, &p.kinds, &p.positions, vision.as_ref())?;
-                self.phase = Phase::Prefill(input);
-            }
-            self.vision_ms += ms(t.elapsed());
-            if encoded {
-                return Ok(count);
-            }
+    /// Whether frame pairs are left to encode.
+    pub(super) fn encoding(&self) -> bool {
+        matches!(&self.phase, Phase::Vision(w) if !w.left.is_empty())
+    }
+
+    /// Visual tokens of its next frame pair (0 when none is left).
+    pub(super) fn next_pair_tokens(&self) -> usize {
+        match &self.phase {
+            Phase::Vision(w) => w.next_pair_tokens(),
+            _ => 0,
         }
-        let Phase::Prefill(input) = &self.phase else { return Ok(count) };
+    }
+
+    /// Its next chunk of frame pairs to encode, at most `tokens` visual tokens (at least one
+    /// pair).
+    pub(super) fn vision_chunk(&mut self, tokens: usize) -> Option<(Vec<f32>, Vec<[usize; 3]>)> {
+        match &mut self.phase {
+            Phase::Vision(w) => w.take(tokens),
+            _ => None,
+        }
+    }
+
+    /// Takes back an encoded chunk (and the time it took); once the video is done, the prompt
+    /// is made ready to prefill.
+    pub(super) fn vision_done(&mut self, out: VisionOutput, took_ms: f64, cx: &Context<'_>) -> Result<(), Error> {
+        self.vision_ms += took_ms;
+        if let Phase::Vision(w) = &mut self.phase {
+            w.done.push(out);
+        }
+        self.finish_vision(cx)
+    }
+
+    /// Moves on to prefill once nothing is left to encode.
+    fn finish_vision(&mut self, cx: &Context<'_>) -> Result<(), Error> {
+        let Phase::Vision(work) = &mut self.phase else { return Ok(()) };
+        if !work.left.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let done = std::mem::take(&mut work.done);
+        let vision = if done.is_empty() { None } else { Some(VisionWork::join(done)?) };
+        let p = &self.prompt;
+        let input = cx.model.prefill_input(&p.ids, &p.kinds, &p.positions, vision.as_ref())?;
+        self.phase = Phase::Prefill(input);
+        self.vision_ms += ms(t.elapsed());
+        Ok(())
+    }
+
+    /// One chunk of prefill (a request without video starts here).
+    pub(super) fn prefill_step(&mut self, cx: &Context<'_>) -> Result<(), Error> {
+        self.finish_vision(cx)?;
+        let Phase::Prefill(input) = &self.phase else { return Ok(()) };
         let t = Instant::now();
         let logits = cx.model.prefill_chunk(input, cx.chunk, &mut self.cache)?;
         self.prefill_ms += ms(t.elapsed());
@@ -233,7 +244,7 @@ impl Sequence {
             }
             self.phase = Phase::Decode(Box::new(Decoder::new(&self.prompt, &self.generation, logits, cx)?));
         }
-        Ok(count)
+        Ok(())
     }
 
     /// Samples the next token from the last logits (the first token straight after prefill).

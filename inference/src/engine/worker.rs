@@ -22,6 +22,42 @@ use crate::model::Qwen3VL;
 use crate::processor::{Processor, Prompt, VideoMeta};
 use crate::reuse::VisionCache;
 use crate::text::KvCache;
+use crate::vision::VisionOutput;
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One request's frame pairs in a vision pass.
+struct Chunk {
+    /// Its index among the running requests.
+    seq: usize,
+    data: Vec<f32>,
+    grids: Vec<[usize; 3]>,
+}
+
+impl Chunk {
+    /// Merged (visual) tokens it yields.
+    fn tokens(&self) -> usize {
+        self.grids.iter().map(|g| g.iter().product::<usize>() / 4).sum()
+    }
+}
+
+/// A pass's output cut back into its members' chunks, in order (merged tokens and every
+/// DeepStack tap).
+fn split(out: &VisionOutput, members: &[Chunk]) -> Result<Vec<VisionOutput>, Error> {
+    let mut at = 0;
+    let mut parts = Vec::with_capacity(members.len());
+    for m in members {
+        let n = m.tokens();
+        parts.push(VisionOutput {
+            embeds: out.embeds.narrow(0, at, n)?,
+            deepstack: out.deepstack.iter().map(|d| d.narrow(0, at, n)).collect::<candle_core::Result<_>>()?,
+        });
+        at += n;
+    }
+    Ok(parts)
+}
 
 pub(super) struct Worker {
     model: Qwen3VL,
@@ -145,36 +181,112 @@ impl Worker {
             }
             self.publish(&running);
             if let Some(i) = Self::pick(&mut running) {
-                let mut cx = self.context();
-                let seq = &mut running[i];
-                let outcome = guard(|| seq.prepare_step(&mut cx));
-                match outcome {
-                    Ok(count) => {
-                        self.stats.vision_reused.fetch_add(count.hits as u64, Ordering::Relaxed);
-                        self.stats.vision_encoded.fetch_add(count.misses as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // A panic may have left the reuse cache half-updated.
-                        self.vision_cache.clear();
+                if running[i].encoding() {
+                    self.vision_step(&mut running, i);
+                } else {
+                    let cx = self.context();
+                    if let Err(e) = guard(|| running[i].prefill_step(&cx)) {
                         let seq = running.remove(i);
                         self.fail(seq, e, &running);
                     }
                 }
-                self.stats.vision_cache_bytes.store(self.vision_cache.bytes() as u64, Ordering::Relaxed);
             }
             self.decode_step(&mut running);
         }
         tracing::debug!("engine stopped");
     }
 
-    fn context(&mut self) -> Context<'_> {
+    fn context(&self) -> Context<'_> {
         Context {
             model: &self.model,
             processor: &self.processor,
             grammars: &self.grammars,
             eos: &self.eos,
-            vision_cache: &mut self.vision_cache,
             chunk: self.chunk,
+        }
+    }
+
+    /// One pass of the vision tower: the next chunk of request `first`, and the next chunks of
+    /// other requests that are encoding while they fit in the step's visual tokens (a quarter of
+    /// the prefill chunk: a visual token is four patch rows through the tower), so that windows
+    /// of several cameras are encoded together. If the pass fails, each chunk is encoded alone,
+    /// so that only a request whose own chunk fails fails.
+    fn vision_step(&mut self, running: &mut Vec<Sequence>, first: usize) {
+        let budget = (self.chunk / 4).max(1);
+        let mut members: Vec<Chunk> = Vec::new();
+        let mut used = 0;
+        let order = std::iter::once(first).chain((0..running.len()).filter(|&j| j != first));
+        for j in order {
+            let s = &mut running[j];
+            if !s.encoding() || (!members.is_empty() && used + s.next_pair_tokens() > budget) {
+                continue;
+            }
+            if let Some((data, grids)) = s.vision_chunk(budget.saturating_sub(used).max(1)) {
+                let chunk = Chunk { seq: j, data, grids };
+                used += chunk.tokens();
+                members.push(chunk);
+            }
+            if used >= budget {
+                break;
+            }
+        }
+        let tokens: std::collections::HashMap<usize, usize> = members.iter().map(|m| (m.seq, m.tokens())).collect();
+        let t = std::time::Instant::now();
+        let mut outcomes: Vec<(usize, Result<VisionOutput, Error>)> = Vec::new();
+        let together = if members.len() == 1 {
+            None
+        } else {
+            let data: Vec<f32> = members.iter().flat_map(|m| m.data.iter().copied()).collect();
+            let grids: Vec<[usize; 3]> = members.iter().flat_map(|m| m.grids.iter().copied()).collect();
+            Some(self.encode(data, &grids).and_then(|out| split(&out, &members)))
+        };
+        match together {
+            Some(Ok(parts)) => outcomes.extend(members.iter().map(|m| m.seq).zip(parts.into_iter().map(Ok))),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(error = %e, chunks = members.len(), "a batched vision pass failed; encoding its chunks alone");
+                }
+                for m in members {
+                    outcomes.push((m.seq, self.encode(m.data, &m.grids)));
+                }
+            }
+        }
+        // The pass's time, shared by visual tokens.
+        let took = ms(t.elapsed());
+        let total = used.max(1) as f64;
+        let mut failed = Vec::new();
+        {
+            let cx = self.context();
+            for (j, out) in outcomes {
+                let share = tokens.get(&j).map_or(took, |&n| took * n as f64 / total);
+                if let Err(e) = out.and_then(|out| guard(|| running[j].vision_done(out, share, &cx))) {
+                    failed.push((j, e));
+                }
+            }
+        }
+        self.stats.vision_cache_bytes.store(self.vision_cache.bytes() as u64, Ordering::Relaxed);
+        failed.sort_by_key(|(j, _)| std::cmp::Reverse(*j));
+        for (j, e) in failed {
+            let seq = running.remove(j);
+            self.fail(seq, e, running);
+        }
+    }
+
+    /// Encodes rows through the reuse cache, counting what it reused; a failure (or a panic)
+    /// clears the cache, which it may have left half-updated.
+    fn encode(&mut self, data: Vec<f32>, grids: &[[usize; 3]]) -> Result<VisionOutput, Error> {
+        let (model, cache) = (&self.model, &mut self.vision_cache);
+        match guard(|| Ok(cache.encode(&model.vision, model.device(), data, grids)?)) {
+            Ok((out, count)) => {
+                self.stats.vision_passes.fetch_add(1, Ordering::Relaxed);
+                self.stats.vision_reused.fetch_add(count.hits as u64, Ordering::Relaxed);
+                self.stats.vision_encoded.fetch_add(count.misses as u64, Ordering::Relaxed);
+                Ok(out)
+            }
+            Err(e) => {
+                self.vision_cache.clear();
+                Err(e)
+            }
         }
     }
 

@@ -186,6 +186,11 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
             load(&e.vision_reused),
         );
         s.counter("lookout_vision_pairs_encoded", "Frame pairs the vision tower encoded.", load(&e.vision_encoded));
+        s.counter(
+            "lookout_vision_passes",
+            "Passes through the vision tower (one pass encodes several requests' frame pairs).",
+            load(&e.vision_passes),
+        );
         s.gauge(
             "lookout_vision_cache_bytes",
             "Bytes of vision features the reuse cache holds.",

@@ -279,9 +279,10 @@ fn a_request_waits_for_kv_room_instead_of_being_refused() {
 #[test]
 fn interactive_requests_are_admitted_before_background_ones() {
     let e = engine(4, 256 << 20, 1, 512, 0);
+    // Long enough that the two others arrive while it runs.
     let long = Request {
-        generation: GenerationParams { ignore_eos: true, ..greedy(64) },
-        ..request(2, 64, vec![], Schedule::background("cam0"))
+        generation: GenerationParams { ignore_eos: true, ..greedy(200) },
+        ..request(2, 200, vec![], Schedule::background("cam0"))
     };
     let mut running = e.submit(long).unwrap();
     while e.stats().running.load(Relaxed) == 0 {

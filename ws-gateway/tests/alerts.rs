@@ -43,7 +43,21 @@ struct Broker {
 }
 
 impl Broker {
+    /// A broker that is listening and still running: a port taken by someone else between
+    /// choosing it and mosquitto binding it makes mosquitto exit, and another port is tried
+    /// (else the test could talk to another test's broker, which goes when that test ends).
     fn start() -> Broker {
+        for _ in 0..5 {
+            let mut b = Broker::try_start();
+            std::thread::sleep(Duration::from_millis(100));
+            if b.child.try_wait().unwrap().is_none() {
+                return b;
+            }
+        }
+        panic!("mosquitto would not stay up on a free port");
+    }
+
+    fn try_start() -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = std::env::temp_dir().join(format!("lookout-mosquitto-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -57,8 +71,12 @@ impl Broker {
             .spawn()
             .expect("mosquitto (scripts/setup.sh installs it)");
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut child = child;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "mosquitto did not start");
+            if child.try_wait().unwrap().is_some() {
+                break; // exited (the port was taken): the caller tries another
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         Broker { port, child }
@@ -80,14 +98,22 @@ async fn subscriber(port: u16) -> Seen {
     let mut o = rumqttc::MqttOptions::new(format!("test-{}", rand_suffix()), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
-    client.subscribe("lookout/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
-    client.subscribe("homeassistant/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
     let s = seen.clone();
     tokio::spawn(async move {
-        let _client = client;
-        while let Ok(ev) = events.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
-                s.lock().unwrap().entry(p.topic.clone()).or_default().push((p.retain, p.payload.to_vec()));
+        // Subscribed on every connection (a dropped one is made again, and the broker sends the
+        // retained messages again), so a blip of the test's own client loses nothing.
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    for topic in ["lookout/#", "homeassistant/#"] {
+                        let _ = client.try_subscribe(topic, rumqttc::QoS::AtLeastOnce);
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    s.lock().unwrap().entry(p.topic.clone()).or_default().push((p.retain, p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     });

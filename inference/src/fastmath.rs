@@ -235,6 +235,10 @@ impl candle_core::CustomOp2 for Skinny {
         let rows = (CHUNK / k.max(1)).max(1);
         let mut t = vec![0f32; n * m];
         t.par_chunks_mut(rows * m).zip(w.par_chunks(rows * k)).for_each(|(o, w)| skinny_block_any(x, m, k, w, o));
+        if m == 1 {
+            // One row (a single sequence's decode step): (n, 1) is already (1, n).
+            return Ok((CpuStorage::F32(t), Shape::from((1, n))));
+        }
         // (n, m) -> (m, n)
         let mut out = vec![0f32; m * n];
         for (j, row) in t.chunks_exact(m).enumerate() {

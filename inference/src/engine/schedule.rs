@@ -52,10 +52,10 @@ impl<T> Waiting<T> {
         out
     }
 
-    /// The next request to admit if `free` bytes of KV cache take it, and `None` otherwise:
-    /// when the next in turn does not fit, nobody behind it goes ahead (a large request is
-    /// never starved by small ones).
-    pub(super) fn admit(&mut self, free: usize) -> Option<T> {
+    /// The next request to admit, with the KV bytes it reserves, if `free` bytes take it, and
+    /// `None` otherwise: when the next in turn does not fit, nobody behind it goes ahead (a large
+    /// request is never starved by small ones).
+    pub(super) fn admit(&mut self, free: usize) -> Option<(T, usize)> {
         let at = self.next()?;
         if self.items[at].kv_bytes > free {
             return None;
@@ -63,7 +63,7 @@ impl<T> Waiting<T> {
         let p = self.items.remove(at)?;
         self.admitted += 1;
         self.last.insert(p.source, self.admitted);
-        Some(p.item)
+        Some((p.item, p.kv_bytes))
     }
 
     /// Index of the next in turn.
@@ -91,9 +91,9 @@ mod tests {
         for (i, s) in [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c")] {
             w.push(pending(i, s, Priority::Background, 1));
         }
-        let mut order = vec![w.admit(10).unwrap()];
+        let mut order = vec![w.admit(10).unwrap().0];
         w.push(pending(6, "chat", Priority::Interactive, 1));
-        while let Some(i) = w.admit(10) {
+        while let Some((i, _)) = w.admit(10) {
             order.push(i);
         }
         // a, then the chat at once, then b and c before a's second and third.
@@ -108,8 +108,8 @@ mod tests {
         w.push(pending(2, "b", Priority::Background, 1));
         assert_eq!(w.admit(50), None, "a does not fit: b waits behind it");
         assert_eq!(w.len(), 2);
-        assert_eq!(w.admit(100), Some(1));
-        assert_eq!(w.admit(1), Some(2));
+        assert_eq!(w.admit(100), Some((1, 100)));
+        assert_eq!(w.admit(1), Some((2, 1)));
     }
 
     #[test]
@@ -119,8 +119,8 @@ mod tests {
             w.push(pending(i, "a", Priority::Background, 1));
         }
         assert_eq!(w.remove_where(|i| i % 2 == 1), [1, 3]);
-        assert_eq!(w.admit(1), Some(0));
-        assert_eq!(w.admit(1), Some(2));
+        assert_eq!(w.admit(1), Some((0, 1)));
+        assert_eq!(w.admit(1), Some((2, 1)));
         assert_eq!(w.admit(1), None);
     }
 }

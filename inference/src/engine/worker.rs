@@ -174,8 +174,9 @@ impl Worker {
             });
             let mut reserved: usize = running.iter().map(|s| s.kv_bytes).sum();
             while running.len() < self.max_running {
-                let Some((job, prompt)) = waiting.admit(self.kv_budget.saturating_sub(reserved)) else { break };
-                let kv = self.kv_need(&prompt, job.request.generation.max_tokens);
+                let Some(((job, prompt), kv)) = waiting.admit(self.kv_budget.saturating_sub(reserved)) else {
+                    break;
+                };
                 reserved += kv;
                 running.push(Sequence::admit(job, prompt, kv, &self.model));
             }
@@ -302,8 +303,7 @@ impl Worker {
             return; // cancelled while queued
         }
         match guard(|| self.check(&job)) {
-            Ok(prompt) => {
-                let kv_bytes = self.kv_need(&prompt, job.request.generation.max_tokens);
+            Ok((prompt, kv_bytes)) => {
                 let s = &job.request.schedule;
                 let (source, priority) = (s.source.clone(), s.priority);
                 waiting.push(Pending { item: (job, prompt), source, priority, kv_bytes });
@@ -316,8 +316,9 @@ impl Worker {
         }
     }
 
-    /// The request's prompt, if its videos match their grids and it can ever fit the KV budget.
-    fn check(&self, job: &Job) -> Result<Prompt, Error> {
+    /// The request's prompt and the KV bytes it reserves, if its videos match their grids and it
+    /// can ever fit the KV budget.
+    fn check(&self, job: &Job) -> Result<(Prompt, usize), Error> {
         let request = &job.request;
         for v in &request.videos {
             let rows: usize = v.grid_thw.iter().product();
@@ -349,7 +350,7 @@ impl Worker {
                 mib(self.kv_budget)
             )));
         }
-        Ok(prompt)
+        Ok((prompt, need))
     }
 
     /// Which admitted request gets this step's vision or prefill chunk: one passed over too

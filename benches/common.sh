@@ -22,3 +22,11 @@ bench_model() {
   [ -f "$model/model.safetensors" ] || tools/reference/run.sh make_bench_model.py "$model" "$1" >/dev/null
   echo "$model"
 }
+# inference_bench BENCH SHAPE DEVICE: the inference crate's bench binary BENCH on a bench model
+# (see bench_model), on `cpu` or with the CUDA build.
+inference_bench() {
+  local model features=()
+  model=$(bench_model "$2")
+  [ "$3" = cpu ] || features=(--features cuda)
+  LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$3 cargo bench -q --locked -p inference "${features[@]}" --bench "$1"
+}

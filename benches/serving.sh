@@ -11,9 +11,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . benches/common.sh
-shape=${1:-small}
-device=${2:-cpu}
-model=$(bench_model "$shape")
-features=()
-[ "$device" = cpu ] || features=(--features cuda)
-LOOKOUT_BENCH_MODEL=$model LOOKOUT_BENCH_DEVICE=$device cargo bench -q --locked -p inference "${features[@]}" --bench serving
+inference_bench serving "${1:-small}" "${2:-cpu}"

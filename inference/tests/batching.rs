@@ -28,13 +28,8 @@ fn prepared(l: &Loaded, index: usize) -> (Prompt, Option<VisionOutput>, Vec<Vide
     if !r.has("video_grid_thw") {
         return (prompt, None, vec![]);
     }
-    let pixels = r.pixel_values();
-    let vision = l.model.encode_video(&pixels, &[r.grid()]).unwrap();
-    let video = VideoInput {
-        pixel_values: pixels.flatten_all().unwrap().to_vec1().unwrap(),
-        grid_thw: r.grid(),
-        timestamps: timestamps(case),
-    };
+    let vision = l.model.encode_video(&r.pixel_values(), &[r.grid()]).unwrap();
+    let video = r.video(case);
     (prompt, Some(vision), vec![video])
 }
 

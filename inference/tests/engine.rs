@@ -90,8 +90,7 @@ fn video_request_matches_reference() {
     let all = cases();
     let case = &all["models"]["tiny-tied"][1];
     let r = Reference::load("tiny-tied", "video_system_vp9");
-    let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
-    let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
+    let video = r.video(case);
     let pairs = r.grid()[0] as u64;
     let mut runs = Vec::new();
     for run in 0..2 {
@@ -263,8 +262,7 @@ fn requests_beyond_the_kv_budget_are_refused_with_what_to_change() {
         * 2
         * 4; // keys and values, f32
     let tokens = r.ids("input_ids").len() + 16;
-    let pixel_values: Vec<f32> = r.pixel_values().flatten_all().unwrap().to_vec1().unwrap();
-    let video = VideoInput { pixel_values, grid_thw: r.grid(), timestamps: timestamps(case) };
+    let video = r.video(case);
     let outcome = |e: &Engine| {
         let request = Request {
             messages: messages(case),

@@ -104,6 +104,15 @@ impl Reference {
         [g[0][0] as usize, g[0][1] as usize, g[0][2] as usize]
     }
 
+    /// The case's video as the engine takes it.
+    pub fn video(&self, case: &Value) -> inference::VideoInput {
+        inference::VideoInput {
+            pixel_values: self.pixel_values().flatten_all().unwrap().to_vec1().unwrap(),
+            grid_thw: self.grid(),
+            timestamps: timestamps(case),
+        }
+    }
+
     pub fn video_meta(&self, case: &Value) -> Vec<VideoMeta> {
         if self.has("video_grid_thw") {
             vec![VideoMeta { grid_thw: self.grid(), timestamps: timestamps(case) }]

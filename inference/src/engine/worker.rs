@@ -231,9 +231,9 @@ impl Worker {
                 break;
             }
         }
-        let tokens: std::collections::HashMap<usize, usize> = members.iter().map(|m| (m.seq, m.tokens())).collect();
         let t = std::time::Instant::now();
-        let mut outcomes: Vec<(usize, Result<VisionOutput, Error>)> = Vec::new();
+        // (request, its visual tokens, its features)
+        let mut outcomes: Vec<(usize, usize, Result<VisionOutput, Error>)> = Vec::new();
         let together = if members.len() == 1 {
             None
         } else {
@@ -242,13 +242,16 @@ impl Worker {
             Some(self.encode(data, &grids).and_then(|out| split(&out, &members)))
         };
         match together {
-            Some(Ok(parts)) => outcomes.extend(members.iter().map(|m| m.seq).zip(parts.into_iter().map(Ok))),
+            Some(Ok(parts)) => {
+                outcomes.extend(members.iter().zip(parts).map(|(m, part)| (m.seq, m.tokens(), Ok(part))));
+            }
             other => {
                 if let Some(Err(e)) = other {
                     tracing::warn!(error = %e, chunks = members.len(), "a batched vision pass failed; encoding its chunks alone");
                 }
                 for m in members {
-                    outcomes.push((m.seq, self.encode(m.data, &m.grids)));
+                    let n = m.tokens();
+                    outcomes.push((m.seq, n, self.encode(m.data, &m.grids)));
                 }
             }
         }
@@ -258,8 +261,8 @@ impl Worker {
         let mut failed = Vec::new();
         {
             let cx = self.context();
-            for (j, out) in outcomes {
-                let share = tokens.get(&j).map_or(took, |&n| took * n as f64 / total);
+            for (j, n, out) in outcomes {
+                let share = took * n as f64 / total;
                 if let Err(e) = out.and_then(|out| guard(|| running[j].vision_done(out, share, &cx))) {
                     failed.push((j, e));
                 }

@@ -266,6 +266,10 @@ mod config {
         "webhook_retry_s",
         "mqtt_url",
         "media_budget_mb",
+        "vision_cache_mb",
+        "kv_cache_mb",
+        "max_batch",
+        "prefill_chunk",
         "no_such_setting",
     ];
 

@@ -45,14 +45,19 @@ pub(crate) struct MqttOptions {
 impl MqttOptions {
     /// Parses `mqtt://[user:password@]host[:port]`. The error never repeats the password.
     pub(crate) fn parse(url: &str) -> Result<MqttOptions, String> {
-        let u = url::Url::parse(url).map_err(|e| format!("--mqtt-url {}: {e}", protocol::redact_url(url)))?;
+        const FORM: &str = "it must be mqtt://[user:password@]host[:port]";
+        let u = url::Url::parse(url).map_err(|e| format!("--mqtt-url {:?}: {e}; {FORM}", protocol::redact_url(url)))?;
         if u.scheme() != "mqtt" {
             return Err(format!(
-                "--mqtt-url {}: the scheme is mqtt:// (TLS is not built in; put a TLS proxy on the broker's host)",
+                "--mqtt-url {}: the scheme is mqtt:// (TLS is not built in; put a TLS proxy on the broker's host); {FORM}",
                 protocol::redact_url(url)
             ));
         }
-        let host = u.host_str().filter(|h| !h.is_empty()).ok_or("--mqtt-url needs a host")?.to_owned();
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("--mqtt-url needs a host; {FORM}"))?
+            .to_owned();
         let credentials = (!u.username().is_empty())
             .then(|| (percent_decode(u.username()), percent_decode(u.password().unwrap_or(""))));
         Ok(MqttOptions {

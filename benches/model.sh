@@ -35,4 +35,5 @@ for key, better in [("vision_ms_per_pair", "lower"), ("prefill_tok_s", "higher")
     ratio = p[key] / r[key] if better == "lower" else r[key] / p[key]
     print(f"{key:<26}{r[key]:>12.2f}{p[key]:>14.2f}{ratio:>7.2f}x")
 print("(ratio > 1 means Lookout is faster)")
+print(f"kernels: lookout: {r.get('kernels', '?')}; transformers: {p.get('kernels', '?')}")
 PY

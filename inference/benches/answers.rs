@@ -210,7 +210,7 @@ fn main() {
         dtype: candle_core::DType::F32,
         queue: 4,
         vision_cache_bytes: 64 << 20,
-        kv_cache_bytes: 256 << 20,
+        kv_cache_bytes: Some(256 << 20),
         max_running: inference::engine::DEFAULT_MAX_RUNNING,
         prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })

@@ -40,6 +40,27 @@ fn best<F: FnMut()>(mut f: F, reps: usize) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Which matmul kernels this run used, and the CPU features they were chosen by.
+fn kernels(device: &candle_core::Device) -> String {
+    if !device.is_cpu() {
+        return "candle CUDA (cuBLAS)".into();
+    }
+    let gemm = inference::gemm::kernel().map_or("candle's gemm crate", inference::gemm::Kernel::name);
+    #[cfg(target_arch = "x86_64")]
+    let features: Vec<&str> = [
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
+    ]
+    .into_iter()
+    .filter_map(|(name, has)| has.then_some(name))
+    .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let features: Vec<&str> = Vec::new();
+    format!("linears: packed GEMM {gemm}; decode rows: few-row kernel; CPU: {}", features.join(" "))
+}
+
 fn main() {
     let Ok(dir) = std::env::var("LOOKOUT_BENCH_MODEL") else {
         println!("set LOOKOUT_BENCH_MODEL to a checkpoint directory (benches/model.sh makes one)");
@@ -128,6 +149,7 @@ fn main() {
         "prefill_tok_s": prompt.ids.len() as f64 / prefill_s,
         "ttft_ms": (vision_s + prefill_s) * 1000.0,
         "decode_tok_s": n_decode as f64 / decode_s,
+        "kernels": kernels(&device),
     });
     println!("{report}");
 }

@@ -17,6 +17,9 @@
 //!   within a KV budget, interactive first and sources in turn) and streams
 //!   [`engine::EngineEvent`]s for each request.
 //!
+//! - [`gemm`] is the CPU GEMM of the model's linears (weights packed at load, AVX-512 or AVX2
+//!   tiles chosen by the CPU's features).
+//!
 //! Everything follows `reference/qwen3-vl.md` and is checked against transformers 5.24.0 by the
 //! tests in `tests/`.
 #![deny(unsafe_code)]
@@ -28,6 +31,7 @@ pub mod device;
 pub mod engine;
 mod fastmath;
 pub mod files;
+pub mod gemm;
 pub mod model;
 mod ops;
 pub mod positions;

@@ -2,11 +2,17 @@
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+use crate::gemm::{Packed, PackedMatmul};
 
 /// A linear layer `x W^T (+ b)` with weights in the model dtype.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     weight: Tensor,
+    /// The weight packed for the CPU GEMM (f32 on a CPU with AVX2 or AVX-512): rows beyond the
+    /// few-row kernel's go through it, and every row of a linear without `few_rows`.
+    packed: Option<Arc<Packed>>,
     bias: Option<Tensor>,
     /// A few input rows go through the few-row kernel (the text decoder's batched decode
     /// steps). Off for the vision tower, whose pairs must encode bit for bit alike whatever
@@ -18,11 +24,19 @@ impl Linear {
     pub(crate) fn load(vb: VarBuilder<'_>, inp: usize, out: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out, inp), "weight")?;
         let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
-        Ok(Linear { weight, bias, few_rows: false })
+        Self::new(weight, bias)
     }
 
+    /// A linear of `weight` (`out x in`) and `bias`, packed for the CPU GEMM where it applies.
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let packed = Packed::from_tensor(&weight)?;
+        Ok(Linear { weight, packed, bias, few_rows: false })
+    }
+
+    /// A linear sharing `weight` (the tied LM head: the embeddings), not packed: it only ever
+    /// sees a few rows (the last prompt position, one row per decoding sequence).
     pub(crate) fn from_weight(weight: Tensor) -> Self {
-        Linear { weight, bias: None, few_rows: false }
+        Linear { weight, packed: None, bias: None, few_rows: false }
     }
 
     /// Lets a few input rows take the few-row kernel (see [`crate::fastmath::skinny_matmul`]).
@@ -31,12 +45,19 @@ impl Linear {
         self
     }
 
-    /// `x W^T`: a few rows (a batched decode step) by the few-row kernel on the CPU.
+    /// `x W^T`: a few rows (a batched decode step) by the few-row kernel on the CPU, more by the
+    /// packed GEMM, elsewhere candle's matmul.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         if self.few_rows
             && let Some(y) = crate::fastmath::skinny_matmul(x, &self.weight)?
         {
             return Ok(y);
+        }
+        if let Some(packed) = &self.packed
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+        {
+            return x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(packed.clone()));
         }
         x.matmul(&self.weight.t()?)
     }

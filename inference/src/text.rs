@@ -419,6 +419,14 @@ impl Attention {
         let past = total - n;
         // GQA without copying K/V: fold the query heads that share a KV head into the rows.
         let rep = self.heads / self.kv_heads;
+        // On the CPU: fused, a block of query rows at a time (crate::gemm).
+        let groups = b * self.kv_heads;
+        let fold = |t: &Tensor, rows: usize| t.contiguous()?.reshape((groups, rows, hd));
+        if let Some(o) =
+            crate::gemm::causal_attention(&fold(q, rep * n)?, &fold(&k, total)?, &fold(&v, total)?, scale, past, n)?
+        {
+            return o.reshape((b, self.heads, n, hd));
+        }
         let kt = k.contiguous()?.t()?;
         let v = v.contiguous()?;
         // A long prompt is attended a block of query rows at a time (each row's softmax is its own).

@@ -125,9 +125,11 @@ impl Block {
                 let qs = q.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
                 let ks = k.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
                 let vs = v.narrow(0, start, rows)?.reshape(shape)?.transpose(1, 2)?.contiguous()?;
-                let att = (qs.matmul(&ks.t()?)? * scale)?;
-                let att = softmax_f32(&att)?;
-                let o = att.matmul(&vs)?.transpose(1, 2)?.reshape((rows, d))?;
+                let o = match crate::gemm::attention(&qs, &ks, &vs, scale)? {
+                    Some(o) => o,
+                    None => softmax_f32(&(qs.matmul(&ks.t()?)? * scale)?)?.matmul(&vs)?,
+                };
+                let o = o.transpose(1, 2)?.reshape((rows, d))?;
                 outs.push(o);
                 start += rows;
                 left -= count;
@@ -140,8 +142,9 @@ impl Block {
 
 /// The vision tower.
 pub struct VisionModel {
-    patch_w: Tensor,
-    patch_b: Tensor,
+    /// The patch embedding (a 3-D convolution whose stride is its kernel: a linear on the
+    /// flattened patch).
+    patch: Linear,
     pos_embed: Tensor,
     blocks: Vec<Block>,
     merger: Merger,
@@ -169,10 +172,8 @@ impl VisionModel {
                 (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
                 "patch_embed.proj.weight",
             )?
-            .reshape((d, patch_dim))?
-            .t()?
-            .contiguous()?;
-        let patch_b = vb.get(d, "patch_embed.proj.bias")?;
+            .reshape((d, patch_dim))?;
+        let patch = Linear::new(patch_w, Some(vb.get(d, "patch_embed.proj.bias")?))?;
         let pos_embed = vb.get((cfg.num_position_embeddings, d), "pos_embed.weight")?;
         let blocks =
             (0..cfg.depth).map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<Vec<_>>>()?;
@@ -187,8 +188,7 @@ impl VisionModel {
         let spatial = cfg.head_dim() / 2;
         let inv_freq = (0..spatial).step_by(2).map(|j| 1.0 / ROPE_THETA.powf(j as f32 / spatial as f32)).collect();
         Ok(VisionModel {
-            patch_w,
-            patch_b,
+            patch,
             pos_embed,
             blocks,
             merger,
@@ -308,7 +308,7 @@ impl VisionModel {
         if pixel_values.dims2()?.0 != rows {
             candle_core::bail!("pixel_values has {} rows but the grids need {rows}", pixel_values.dims2()?.0);
         }
-        let x = pixel_values.to_dtype(self.dtype)?.matmul(&self.patch_w)?.broadcast_add(&self.patch_b)?;
+        let x = self.patch.forward(&pixel_values.to_dtype(self.dtype)?)?;
         let mut x = (x + self.position_embeddings(grids)?)?;
         let rotary = self.rotary(grids)?;
         let segments: Vec<(usize, usize)> = grids.iter().map(|g| (g[0], g[1] * g[2])).collect();

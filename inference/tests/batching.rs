@@ -191,7 +191,7 @@ fn a_prompt_prefilled_in_chunks_matches_it_prefilled_whole() {
 fn engine(queue: usize, kv: usize, max_running: usize, chunk: usize, vision_cache: usize) -> Engine {
     let mut opts = LoadOptions::new(model_dir("tiny-tied").to_str().unwrap());
     opts.queue = queue;
-    opts.kv_cache_bytes = kv;
+    opts.kv_cache_bytes = Some(kv);
     opts.max_running = max_running;
     opts.prefill_chunk = chunk;
     opts.vision_cache_bytes = vision_cache;

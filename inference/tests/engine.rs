@@ -20,7 +20,7 @@ fn engine_with_kv(name: &str, queue: usize, kv_cache_bytes: usize) -> Engine {
         dtype: candle_core::DType::F32,
         queue,
         vision_cache_bytes: 64 << 20,
-        kv_cache_bytes,
+        kv_cache_bytes: Some(kv_cache_bytes),
         max_running: inference::engine::DEFAULT_MAX_RUNNING,
         prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })

@@ -60,4 +60,8 @@ print(json.dumps({
     "impl": "transformers", "threads": torch.get_num_threads(), "prompt_tokens": ids.shape[1], "frame_pairs": pairs,
     "vision_ms_per_pair": vision_s * 1000 / pairs, "prefill_tok_s": ids.shape[1] / prefill_s,
     "ttft_ms": full_s * 1000, "decode_tok_s": n_decode / decode_s,
+    "kernels": (f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                f"MKL {'yes' if torch.backends.mkl.is_available() else 'no'}, "
+                f"oneDNN {'yes' if torch.backends.mkldnn.is_available() else 'no'}"
+                if device == "cpu" else f"CUDA {torch.version.cuda}"),
 }))

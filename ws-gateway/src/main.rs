@@ -130,7 +130,8 @@ struct ServeArgs {
     vision_cache_mb: Option<u64>,
     /// MiB of KV cache the requests the engine serves at once may take together, each counted
     /// at its prompt plus max_tokens: a request waits until it fits, and one that could never
-    /// fit is refused with what to change [default: 4096].
+    /// fit is refused with what to change [default: a quarter of the memory available after
+    /// loading on the CPU, the free GPU memory less a tenth on CUDA].
     #[arg(long, env = "LOOKOUT_KV_CACHE_MB")]
     kv_cache_mb: Option<u64>,
     /// Requests the engine decodes together in one batch at most [default: 16].
@@ -346,7 +347,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         alerts,
         media_budget_mb: args.media_budget_mb.unwrap_or(d.media_budget_mb).max(1),
         vision_cache_mb: args.vision_cache_mb.unwrap_or(d.vision_cache_mb),
-        kv_cache_mb: args.kv_cache_mb.unwrap_or(d.kv_cache_mb).max(1),
+        kv_cache_mb: args.kv_cache_mb.or(d.kv_cache_mb).map(|mb| mb.max(1)),
         max_batch: args.max_batch.unwrap_or(d.max_batch).max(1),
         prefill_chunk: args.prefill_chunk.unwrap_or(d.prefill_chunk).max(1),
         cluster,
@@ -554,7 +555,7 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         dtype: inference::parse_dtype(&args.dtype)?,
         queue: 1,
         vision_cache_bytes: 0,
-        kv_cache_bytes: usize::MAX,
+        kv_cache_bytes: Some(usize::MAX),
         max_running: inference::engine::DEFAULT_MAX_RUNNING,
         prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
     })?;

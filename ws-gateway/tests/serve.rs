@@ -775,7 +775,13 @@ async fn overlapping_windows_reuse_frame_pairs_and_say_the_same() {
     let clip = std::fs::read(root().join("fixtures/preprocess/clips/h264_25fps_480x270.mkv")).unwrap();
     let mut said = Vec::new();
     for cache_mb in [512, 0] {
-        let mut server = start_server(|c| c.vision_cache_mb = cache_mb).await;
+        // The first server is given a KV budget, the second takes this machine's default.
+        let kv_mb = (cache_mb > 0).then_some(1024);
+        let mut server = start_server(|c| {
+            c.vision_cache_mb = cache_mb;
+            c.kv_cache_mb = kv_mb;
+        })
+        .await;
         let (status, body) = upload(&server.base, clip.clone(), None).await;
         assert_eq!(status, 201, "{body}");
         let id = body["id"].as_str().unwrap().to_owned();
@@ -818,11 +824,25 @@ async fn overlapping_windows_reuse_frame_pairs_and_say_the_same() {
         };
         let (reused, encoded) =
             (value("lookout_vision_pairs_reused_total"), value("lookout_vision_pairs_encoded_total"));
-        // The engine's gauges: idle now, nothing allocated, the budget as configured.
+        // The engine's gauges: idle now, nothing allocated, the budget as configured or, by
+        // default, a quarter of the memory available (within what it moved since the load).
         assert_eq!(value("lookout_engine_requests_running"), 0);
         assert_eq!(value("lookout_engine_requests_waiting"), 0);
         assert_eq!(value("lookout_kv_cache_bytes"), 0);
-        assert_eq!(value("lookout_kv_cache_budget_bytes"), 4096 << 20);
+        let budget = value("lookout_kv_cache_budget_bytes");
+        match kv_mb {
+            Some(mb) => assert_eq!(budget, mb << 20),
+            None => {
+                let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+                let kib: u64 = meminfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap();
+                let quarter = (kib * 1024 / 4).clamp(256 << 20, 16 << 30);
+                assert!(budget.abs_diff(quarter) < quarter / 5, "budget {budget}, a quarter of available {quarter}");
+            }
+        }
         let (steps, decoded) =
             (value("lookout_engine_decode_steps_total"), value("lookout_engine_decode_tokens_total"));
         assert!(steps > 0 && decoded >= steps, "{steps} decode steps, {decoded} tokens");

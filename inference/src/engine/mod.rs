@@ -44,8 +44,9 @@ pub struct LoadOptions {
     pub vision_cache_bytes: usize,
     /// Bytes of KV cache the running requests may take together, each counted at its prompt
     /// plus `max_tokens`: a request waits until it fits, and one that could never fit is
-    /// refused before any work with what to change.
-    pub kv_cache_bytes: usize,
+    /// refused before any work with what to change. `None`: the device's default, measured
+    /// once the weights are loaded (see [`crate::device::default_kv_budget`]).
+    pub kv_cache_bytes: Option<usize>,
     /// Requests decoded together in one batch at most.
     pub max_running: usize,
     /// Prompt tokens prefilled (and visual tokens encoded) in one step, between decode steps
@@ -62,7 +63,7 @@ impl LoadOptions {
             dtype: DType::F32,
             queue: 8,
             vision_cache_bytes: 512 << 20,
-            kv_cache_bytes: 4096 << 20,
+            kv_cache_bytes: None,
             max_running: DEFAULT_MAX_RUNNING,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
@@ -274,6 +275,9 @@ pub struct EngineInfo {
     pub dtype: String,
     /// Generation defaults of the checkpoint.
     pub generation: GenerationConfig,
+    /// Bytes of KV cache the running requests may take together: `--kv-cache-mb`, or the
+    /// device's default.
+    pub kv_budget_bytes: usize,
 }
 
 struct Job {

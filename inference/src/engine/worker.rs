@@ -113,11 +113,20 @@ impl Worker {
             DeviceChoice::Cpu => "cpu".to_owned(),
             DeviceChoice::Cuda(n) => format!("cuda:{n}"),
         };
+        let kv_budget = match opts.kv_cache_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let (bytes, why) = crate::device::default_kv_budget(&device, opts.vision_cache_bytes);
+                tracing::info!(mib = bytes >> 20, "KV cache budget: {why} (--kv-cache-mb sets it)");
+                bytes
+            }
+        };
         let info = Arc::new(EngineInfo {
             model: opts.model.clone(),
             device: device_name,
             dtype: format!("{:?}", opts.dtype).to_lowercase(),
             generation: files.generation.clone(),
+            kv_budget_bytes: kv_budget,
         });
         tracing::info!(model = %opts.model, device = %info.device, dtype = %info.dtype, "model loaded");
         let grammars = Arc::new(LazyGrammars::new(
@@ -133,7 +142,7 @@ impl Worker {
             stats,
             grammars,
             vision_cache: VisionCache::new(opts.vision_cache_bytes),
-            kv_budget: opts.kv_cache_bytes,
+            kv_budget,
             max_running: opts.max_running.max(1),
             chunk: opts.prefill_chunk.max(1),
         };

@@ -205,8 +205,8 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl I
         s.gauge("lookout_kv_cache_bytes", "Bytes of KV cache allocated now.", load(&e.kv_cache_bytes));
         s.gauge(
             "lookout_kv_cache_budget_bytes",
-            "Bytes of KV cache the running requests may take together (--kv-cache-mb).",
-            state.config.kv_cache_mb.saturating_mul(1 << 20),
+            "Bytes of KV cache the running requests may take together (--kv-cache-mb, or the device's default).",
+            engine.info().kv_budget_bytes as u64,
         );
         s.counter(
             "lookout_engine_decode_steps",

@@ -84,8 +84,9 @@ pub struct ServeConfig {
     pub media_budget_mb: u64,
     /// MiB of encoded frame pairs kept for overlapping windows (0: none).
     pub vision_cache_mb: u64,
-    /// MiB of KV cache the running requests may take together.
-    pub kv_cache_mb: u64,
+    /// MiB of KV cache the running requests may take together (`None`: the device's default,
+    /// see [`inference::device::default_kv_budget`]).
+    pub kv_cache_mb: Option<u64>,
     /// Requests decoded together at most.
     pub max_batch: usize,
     /// Prompt tokens per prefill step.
@@ -248,7 +249,7 @@ impl Default for ServeConfig {
             alerts: AlertConfig::default(),
             media_budget_mb: 2048,
             vision_cache_mb: 512,
-            kv_cache_mb: 4096,
+            kv_cache_mb: None,
             max_batch: inference::engine::DEFAULT_MAX_RUNNING,
             prefill_chunk: inference::engine::DEFAULT_PREFILL_CHUNK,
             cluster: None,
@@ -734,7 +735,10 @@ pub async fn serve_announced(
             dtype: loader.config.dtype,
             queue: loader.config.engine_queue,
             vision_cache_bytes: usize::try_from(loader.config.vision_cache_mb << 20).unwrap_or(usize::MAX),
-            kv_cache_bytes: usize::try_from(loader.config.kv_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+            kv_cache_bytes: loader
+                .config
+                .kv_cache_mb
+                .map(|mb| usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)),
             max_running: loader.config.max_batch,
             prefill_chunk: loader.config.prefill_chunk,
         });

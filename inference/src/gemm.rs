@@ -1,0 +1,705 @@
+//! The CPU GEMM behind the model's linears: `x W^T` in f32 for any number of rows, with each
+//! weight matrix packed once at load.
+//!
+//! candle's CPU matmul (the `gemm` crate) packs the weights again on every call, and on stable
+//! Rust runs only its AVX2 kernels. Here the weights are laid out at load in panels of `NR`
+//! output columns (`[n / NR][k][NR]`, the last panel zero-padded); each call packs the input rows
+//! in panels of `MR` per block of [`KC`] inner indices, and a register-tiled kernel does the
+//! multiply-adds: AVX-512 tiles of 12 rows by 32 columns (24 accumulators), AVX2/FMA tiles of 6
+//! by 16 (12). The kernel is chosen once by the CPU's features; `LOOKOUT_CPU_GEMM` (`avx512`,
+//! `avx2`, `candle`) overrides it, and without AVX2 and FMA the linears keep candle's matmul.
+//!
+//! Every output element is summed over `k` in one order (blocks of [`KC`] in turn, each a chain
+//! of multiply-adds) whatever the number of rows, the row's place among them or its tile, so a
+//! frame pair encodes bit for bit alike in any batch (the vision reuse cache relies on it) and a
+//! decode row gives the same logits alone as in a batch.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+/// Inner indices per block: one block of an input panel (12 x 256 f32, 12 KiB) and of a weight
+/// panel (256 x 32, 32 KiB) stay in the L1/L2 caches while a tile is computed.
+const KC: usize = 256;
+/// Row panels per block of input rows packed at once (96 rows for AVX-512).
+const MC_PANELS: usize = 8;
+/// Weight panels a task covers at most (256 columns for AVX-512): its block of outputs
+/// (96 x 256) and of weights (256 x 256) stay in the L2 cache across the K blocks. Measured on
+/// a 3136 x 1536 x 384 product: 121 GFLOP/s with all 48 panels per task, 2 threads.
+const NC_PANELS: usize = 8;
+
+/// The register-tiled kernel in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512F, 12 x 32 tiles.
+    Avx512,
+    /// AVX2 with FMA, 6 x 16 tiles.
+    Avx2,
+}
+
+impl Kernel {
+    /// Rows of a tile.
+    fn mr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 12,
+            Kernel::Avx2 => 6,
+        }
+    }
+
+    /// Columns of a tile (and of a weight panel).
+    fn nr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 32,
+            Kernel::Avx2 => 16,
+        }
+    }
+
+    /// `avx512` or `avx2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+        }
+    }
+}
+
+/// The kernel this process uses for f32 linears on the CPU (`None`: candle's matmul), chosen
+/// once from the CPU's features and `LOOKOUT_CPU_GEMM`.
+pub fn kernel() -> Option<Kernel> {
+    static CHOICE: OnceLock<Option<Kernel>> = OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let asked = std::env::var("LOOKOUT_CPU_GEMM").ok();
+        let chosen = choose(asked.as_deref(), cpu_has("avx512f"), cpu_has("avx2") && cpu_has("fma"));
+        tracing::debug!(kernel = chosen.map_or("candle", Kernel::name), "CPU GEMM");
+        chosen
+    })
+}
+
+/// What `LOOKOUT_CPU_GEMM` asks for, within what the CPU can run (an unknown value or one the
+/// CPU lacks falls back to the best it has).
+fn choose(asked: Option<&str>, avx512: bool, avx2: bool) -> Option<Kernel> {
+    let best = if avx512 {
+        Some(Kernel::Avx512)
+    } else if avx2 {
+        Some(Kernel::Avx2)
+    } else {
+        None
+    };
+    match asked {
+        Some("candle") => None,
+        Some("avx2") if avx2 => Some(Kernel::Avx2),
+        _ => best,
+    }
+}
+
+fn cpu_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "avx512f" => is_x86_feature_detected!("avx512f"),
+            "avx2" => is_x86_feature_detected!("avx2"),
+            "fma" => is_x86_feature_detected!("fma"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+/// A weight matrix (`n x k`, the layout of a linear's `weight`) packed for [`Kernel`].
+pub(crate) struct Packed {
+    kernel: Kernel,
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({}x{}, {})", self.n, self.k, self.kernel.name())
+    }
+}
+
+impl Packed {
+    /// Packs `w` (`n x k`, row-major) in panels of the kernel's columns.
+    pub(crate) fn new(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Packed {
+        assert_eq!(w.len(), n * k, "a {n}x{k} weight");
+        let nr = kernel.nr();
+        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+        for (j, row) in w.chunks_exact(k.max(1)).enumerate() {
+            let panel = &mut data[(j / nr) * k * nr..][..k * nr];
+            for (kk, v) in row.iter().enumerate() {
+                panel[kk * nr + j % nr] = *v;
+            }
+        }
+        Packed { kernel, n, k, data }
+    }
+
+    /// Packs `x` given by columns (`k x n`, row-major: the values of an attention, whose
+    /// product with the probabilities is `p V`).
+    pub(crate) fn from_columns(x: &[f32], k: usize, n: usize, kernel: Kernel) -> Packed {
+        assert_eq!(x.len(), n * k, "a {k}x{n} matrix");
+        let nr = kernel.nr();
+        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+        for (kk, row) in x.chunks_exact(n.max(1)).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                data[(j / nr) * k * nr + kk * nr + j % nr] = *v;
+            }
+        }
+        Packed { kernel, n, k, data }
+    }
+
+    /// Packs a linear's weight tensor when the CPU GEMM applies to it (f32 on the CPU, a kernel
+    /// this CPU runs); `None` leaves it to candle.
+    pub(crate) fn from_tensor(w: &Tensor) -> Result<Option<Arc<Packed>>> {
+        let Some(kernel) = kernel() else { return Ok(None) };
+        if !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(Arc::new(Packed::new(&values, n, k, kernel))))
+    }
+
+    /// `a W^T` for `a` of `m x k` (row-major): `m x n`.
+    pub(crate) fn matmul(&self, a: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.n];
+        self.matmul_into(a, m, &mut out, true);
+        out
+    }
+
+    /// `a W^T` into `out` (`m x n`), on the thread pool when `parallel`.
+    pub(crate) fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32], parallel: bool) {
+        use rayon::prelude::*;
+        let (n, k) = (self.n, self.k);
+        assert_eq!(a.len(), m * k, "{m} rows of {k}");
+        assert_eq!(out.len(), m * n, "{m} rows of {n}");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (mr, nr) = (self.kernel.mr(), self.kernel.nr());
+        let mc = mr * MC_PANELS;
+        let panels = n.div_ceil(nr);
+        let blocks = m.div_ceil(mc);
+        // Enough tasks for every thread (row blocks by groups of weight panels).
+        let threads = if parallel { rayon::current_num_threads() } else { 1 };
+        let groups = (4 * threads).div_ceil(blocks).max(panels.div_ceil(NC_PANELS)).clamp(1, panels);
+        let per_group = panels.div_ceil(groups);
+        let c = OutPtr(out.as_mut_ptr());
+        let task = |task: usize| {
+            let (block, group) = (task / groups, task % groups);
+            let (p0, p1) = (group * per_group, ((group + 1) * per_group).min(panels));
+            let i0 = block * mc;
+            let rows = (m - i0).min(mc);
+            if p0 >= p1 {
+                return;
+            }
+            let row_panels = rows.div_ceil(mr);
+            let mut packed_a = vec![0f32; row_panels * KC.min(k) * mr];
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                pack_rows(a, k, i0, rows, pc, kc, mr, &mut packed_a);
+                for p in p0..p1 {
+                    let b = &self.data[p * k * nr + pc * nr..][..kc * nr];
+                    let cols = (n - p * nr).min(nr);
+                    for rp in 0..row_panels {
+                        let r = (rows - rp * mr).min(mr);
+                        let ap = &packed_a[rp * kc * mr..][..kc * mr];
+                        // SAFETY: the tile is rows `i0 + rp * mr ..+ r` and columns
+                        // `p * nr ..+ cols` of `out` (m x n): inside it, and no other task
+                        // writes there (tasks split the rows by blocks and the columns by
+                        // panels); `ap` and `b` hold `kc` steps of `mr` and `nr` values.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            tile(self.kernel, kc, ap, b, c.at((i0 + rp * mr) * n + p * nr), n, r, cols, pc > 0)
+                        };
+                    }
+                }
+            }
+        };
+        if parallel {
+            (0..blocks * groups).into_par_iter().for_each(task);
+        } else {
+            (0..blocks * groups).for_each(task);
+        }
+    }
+}
+
+/// Rows `i0..i0 + rows`, inner indices `pc..pc + kc` of `a` (`_ x k`), as panels of `mr` rows:
+/// `out[panel][kk][r]`, the rows past the end zero.
+#[allow(clippy::too_many_arguments)]
+fn pack_rows(a: &[f32], k: usize, i0: usize, rows: usize, pc: usize, kc: usize, mr: usize, out: &mut [f32]) {
+    for (rp, panel) in out.chunks_exact_mut(kc * mr).take(rows.div_ceil(mr)).enumerate() {
+        for r in 0..mr {
+            let i = rp * mr + r;
+            if i < rows {
+                let src = &a[(i0 + i) * k + pc..][..kc];
+                for (kk, v) in src.iter().enumerate() {
+                    panel[kk * mr + r] = *v;
+                }
+            } else {
+                for kk in 0..kc {
+                    panel[kk * mr + r] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// The output buffer, shared by the tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: the tasks write disjoint tiles (see `Packed::matmul`) and the buffer outlives them.
+#[allow(unsafe_code)]
+unsafe impl Send for OutPtr {}
+#[allow(unsafe_code)]
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `offset` is within the buffer.
+    #[allow(unsafe_code)]
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// One tile: `rows x cols` of the output at `c` (row stride `ldc`) from `kc` steps of the packed
+/// input panel `a` and weight panel `b`, added to what is there when `accumulate`. Edge tiles go
+/// through a full-size scratch tile so the kernel's loads and stores stay in bounds.
+///
+/// # Safety
+/// `kernel` runs on this CPU; `c` points at a `rows x cols` tile of a buffer with row stride
+/// `ldc`; `a` and `b` hold `kc * mr` and `kc * nr` values.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn tile(
+    kernel: Kernel,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let (mr, nr) = (kernel.mr(), kernel.nr());
+    debug_assert!(a.len() >= kc * mr && b.len() >= kc * nr && rows <= mr && cols <= nr);
+    if cols == nr {
+        // SAFETY: the tile's rows are whole; the kernel touches `rows` of them.
+        unsafe { run(kernel, kc, a.as_ptr(), b.as_ptr(), c, ldc, rows, accumulate) };
+        return;
+    }
+    let mut scratch = [0f32; 12 * 32];
+    for r in 0..rows {
+        for j in 0..cols {
+            // SAFETY: inside the caller's tile.
+            scratch[r * nr + j] = if accumulate { unsafe { *c.add(r * ldc + j) } } else { 0.0 };
+        }
+    }
+    // SAFETY: the scratch tile holds `mr x nr`.
+    unsafe { run(kernel, kc, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), nr, rows, accumulate) };
+    for r in 0..rows {
+        for j in 0..cols {
+            // SAFETY: inside the caller's tile.
+            unsafe { *c.add(r * ldc + j) = scratch[r * nr + j] };
+        }
+    }
+}
+
+/// The kernel for `rows` (1 to `mr`) rows of whole width.
+///
+/// # Safety
+/// As [`tile`], with `nr` columns at `c`.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn run(
+    kernel: Kernel,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! by_rows {
+            ($f:ident, $($r:literal)+) => {
+                match rows {
+                    // SAFETY: the caller's contract; `kernel` says the CPU has the features.
+                    $($r => unsafe { x86::$f::<$r>(kc, a, b, c, ldc, accumulate) },)+
+                    _ => unreachable!("a tile of {rows} rows"),
+                }
+            };
+        }
+        match kernel {
+            Kernel::Avx512 => by_rows!(avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
+            Kernel::Avx2 => by_rows!(avx2, 1 2 3 4 5 6),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kernel, kc, a, b, c, ldc, rows, accumulate);
+        unreachable!("no CPU GEMM kernel off x86_64 (kernel() is None there)");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `R` rows by 32 columns: `c[r][..32] (+)= sum_kk a[kk * 12 + r] * b[kk * 32..][..32]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `a` holds `kc * 12` values, `b` `kc * 32`, and `c` `R` rows of 32 at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY: every pointer stays within the extents of the contract.
+        unsafe {
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
+                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                }
+            }
+            for kk in 0..kc {
+                let b0 = _mm512_loadu_ps(b.add(kk * 32));
+                let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
+                let ar = a.add(kk * 12);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ar.add(r));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc), row[0]);
+                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+            }
+        }
+    }
+
+    /// `R` rows by 16 columns, as [`avx512`] with 8-lane registers and panels of 6 rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a` holds `kc * 6` values, `b` `kc * 16`, and `c` `R` rows of 16 at stride `ldc`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: every pointer stays within the extents of the contract.
+        unsafe {
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm256_loadu_ps(c.add(r * ldc));
+                    row[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
+                }
+            }
+            for kk in 0..kc {
+                let b0 = _mm256_loadu_ps(b.add(kk * 16));
+                let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
+                let ar = a.add(kk * 6);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ar.add(r));
+                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                _mm256_storeu_ps(c.add(r * ldc), row[0]);
+                _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
+            }
+        }
+    }
+}
+
+/// `x W^T` through a packed weight, as a candle op on `x` (`m x k`, f32 on the CPU).
+pub(crate) struct PackedMatmul(pub(crate) Arc<Packed>);
+
+impl CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("packed-matmul needs f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-matmul needs a contiguous input");
+        };
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.0.k {
+            candle_core::bail!("packed-matmul: {m}x{k} by a {}x{} weight", self.0.n, self.0.k);
+        }
+        Ok((CpuStorage::F32(self.0.matmul(&x[start..end], m)), Shape::from((m, self.0.n))))
+    }
+}
+
+/// Query rows attended at once: their scores (`QUERY_BLOCK x len`) stay in the L2 cache.
+const QUERY_BLOCK: usize = 96;
+
+/// Attention of independent problems, fused: `q` is `(problems, rows, hd)`, `k` and `v`
+/// `(problems, len, hd)`, contiguous f32; for each problem and block of query rows, the scores
+/// `q k^T` (packed GEMM), times `scale`, masked, softmaxed ([`crate::fastmath::softmax_rows`])
+/// and multiplied by `v` (packed GEMM), without a problem's whole score matrix ever being
+/// allocated.
+struct Attention {
+    kernel: Kernel,
+    scale: f32,
+    causal: Option<Causal>,
+}
+
+/// A causal mask: query row `r` is position `past + r % positions` (the rows are the query
+/// heads of a KV group, each `positions` long) and sees the keys up to it.
+#[derive(Clone, Copy)]
+struct Causal {
+    past: usize,
+    positions: usize,
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
+            candle_core::bail!("packed-attention needs f32");
+        };
+        let offsets = |l: &Layout| -> Result<(usize, usize)> {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("packed-attention needs contiguous inputs".into()))
+        };
+        let ((qa, qb), (ka, kb), (va, vb)) = (offsets(lq)?, offsets(lk)?, offsets(lv)?);
+        let (problems, m, hd) = lq.shape().dims3()?;
+        let (kp, len, khd) = lk.shape().dims3()?;
+        if kp != problems || khd != hd || lv.shape() != lk.shape() {
+            candle_core::bail!("packed-attention: q {:?}, k {:?}, v {:?}", lq.shape(), lk.shape(), lv.shape());
+        }
+        if let Some(c) = self.causal
+            && (c.positions == 0 || !m.is_multiple_of(c.positions) || c.past + c.positions > len)
+        {
+            candle_core::bail!(
+                "packed-attention: {m} query rows of {} positions after {} of {len}",
+                c.positions,
+                c.past
+            );
+        }
+        let (q, k, v) = (&q[qa..qb], &k[ka..kb], &v[va..vb]);
+        let (qsize, ksize) = (m * hd, len * hd);
+        let mut out = vec![0f32; problems * qsize];
+        out.par_chunks_mut(qsize.max(1)).enumerate().for_each(|(p, o)| {
+            let q = &q[p * qsize..][..qsize];
+            let keys = Packed::new(&k[p * ksize..][..ksize], len, hd, self.kernel);
+            let values = Packed::from_columns(&v[p * ksize..][..ksize], len, hd, self.kernel);
+            let mut scores = vec![0f32; QUERY_BLOCK.min(m) * len];
+            let mut probs = scores.clone();
+            for from in (0..m).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(m - from);
+                let (s, pr) = (&mut scores[..rows * len], &mut probs[..rows * len]);
+                keys.matmul_into(&q[from * hd..(from + rows) * hd], rows, s, false);
+                s.iter_mut().for_each(|x| *x *= self.scale);
+                if let Some(c) = self.causal {
+                    for (r, row) in s.chunks_exact_mut(len).enumerate() {
+                        let seen = c.past + (from + r) % c.positions + 1;
+                        row[seen..].fill(f32::NEG_INFINITY);
+                    }
+                }
+                crate::fastmath::softmax_rows(s, pr, len);
+                values.matmul_into(pr, rows, &mut o[from * hd..(from + rows) * hd], false);
+            }
+        });
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+}
+
+/// `softmax(q k^T * scale) v` over the last two dimensions of `(.., len, hd)` tensors, fused on
+/// the CPU in f32 where the GEMM applies; `None` where candle's ops are the ones to use.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    fused(q, k, v, scale, None)
+}
+
+/// Causal attention of a KV group's query heads: `q` is `(groups, heads_per_group * n, hd)`
+/// (each head's `n` rows the positions `past..past + n`), `k` and `v` `(groups, len, hd)`.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    past: usize,
+    n: usize,
+) -> Result<Option<Tensor>> {
+    fused(q, k, v, scale, Some(Causal { past, positions: n }))
+}
+
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: Option<Causal>) -> Result<Option<Tensor>> {
+    let Some(kernel) = kernel() else { return Ok(None) };
+    if !q.device().is_cpu() || q.dtype() != DType::F32 || q.rank() < 2 || k.rank() != q.rank() {
+        return Ok(None);
+    }
+    let dims = q.dims().to_vec();
+    let hd = dims[dims.len() - 1];
+    let flat = |t: &Tensor| {
+        let rows = t.dims()[t.rank() - 2];
+        t.contiguous()?.reshape(((), rows, hd))
+    };
+    let op = Attention { kernel, scale: scale as f32, causal };
+    let out = flat(q)?.apply_op3_no_bwd(&flat(k)?, &flat(v)?, &op)?;
+    out.reshape(dims).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64).sum();
+            }
+        }
+        out
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| choose(Some(k.name()), cpu_has("avx512f"), cpu_has("avx2") && cpu_has("fma")) == Some(*k))
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_float64_reference_on_edges_and_blocks() {
+        // Row and column tails, one and several K blocks (a K not a multiple of the block).
+        for kernel in kernels() {
+            for (m, n, k) in [(1, 1, 1), (5, 7, 3), (13, 33, 300), (97, 48, 512), (200, 70, 257), (31, 1536, 64)] {
+                let (a, w) = (values(m * k, 1), values(n * k, 2));
+                let got = Packed::new(&w, n, k, kernel).matmul(&a, m);
+                let want = reference(&a, &w, m, n, k);
+                for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+                    assert!((*g as f64 - r).abs() <= tol, "{kernel:?} {m}x{n}x{k} at {i}: {g} vs {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_is_computed_alike_whatever_else_is_in_the_batch() {
+        let (n, k) = (70, 600);
+        let w = values(n * k, 3);
+        for kernel in kernels() {
+            let packed = Packed::new(&w, n, k, kernel);
+            let rows = values(150 * k, 4);
+            let all = packed.matmul(&rows, 150);
+            for (start, m) in [(0, 1), (7, 1), (11, 5), (100, 50), (13, 99)] {
+                let some = packed.matmul(&rows[start * k..(start + m) * k], m);
+                assert_eq!(some, all[start * n..(start + m) * n], "{kernel:?}: rows {start}..+{m}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_candle_ops() {
+        let dev = candle_core::Device::Cpu;
+        // Two problems of 200 positions (query blocks and a tail), head width 64.
+        let shape = (2, 1, 200, 64);
+        let t = |seed| Tensor::from_vec(values(2 * 200 * 64, seed), shape, &dev).unwrap();
+        let (q, k, v) = (t(7), t(8), t(9));
+        let scale = 0.125;
+        let got = attention(&q, &k, &v, scale).unwrap().expect("this CPU runs a GEMM kernel");
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&att).unwrap().matmul(&v).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn fused_causal_attention_matches_a_masked_softmax() {
+        // Two KV groups of 3 query heads, 40 new positions after 25 cached.
+        let dev = candle_core::Device::Cpu;
+        let (groups, heads, n, past, hd) = (2, 3, 40, 25, 32);
+        let total = past + n;
+        let q = Tensor::from_vec(values(groups * heads * n * hd, 10), (groups, heads * n, hd), &dev).unwrap();
+        let k = Tensor::from_vec(values(groups * total * hd, 11), (groups, total, hd), &dev).unwrap();
+        let v = Tensor::from_vec(values(groups * total * hd, 12), (groups, total, hd), &dev).unwrap();
+        let got = causal_attention(&q, &k, &v, 0.2, past, n).unwrap().expect("this CPU runs a GEMM kernel");
+        let mask: Vec<f32> = (0..heads * n)
+            .flat_map(|r| (0..total).map(move |j| if j > past + r % n { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (heads * n, total), &dev).unwrap();
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.2).unwrap().broadcast_add(&mask).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&att).unwrap().matmul(&v).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn the_kernel_follows_the_cpu_and_the_setting() {
+        assert_eq!(choose(None, true, true), Some(Kernel::Avx512));
+        assert_eq!(choose(None, false, true), Some(Kernel::Avx2));
+        assert_eq!(choose(None, false, false), None);
+        assert_eq!(choose(Some("candle"), true, true), None);
+        assert_eq!(choose(Some("avx2"), true, true), Some(Kernel::Avx2));
+        assert_eq!(choose(Some("avx2"), false, false), None, "a kernel the CPU lacks falls back");
+        assert_eq!(choose(Some("avx512"), false, true), Some(Kernel::Avx2));
+    }
+
+    #[test]
+    fn the_candle_op_matches_candle_matmul() {
+        let Some(kernel) = kernels().first().copied() else { return };
+        let (m, n, k) = (40, 96, 384);
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::from_vec(values(m * k, 5), (m, k), &dev).unwrap();
+        let w = Tensor::from_vec(values(n * k, 6), (n, k), &dev).unwrap();
+        let packed = Arc::new(Packed::new(&w.flatten_all().unwrap().to_vec1().unwrap(), n, k, kernel));
+        let got = x.apply_op1_no_bwd(&PackedMatmul(packed)).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+}

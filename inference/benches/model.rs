@@ -41,11 +41,16 @@ fn best<F: FnMut()>(mut f: F, reps: usize) -> f64 {
 }
 
 /// Which matmul kernels this run used, and the CPU features they were chosen by.
-fn kernels(device: &candle_core::Device) -> String {
+fn kernels(device: &candle_core::Device, dtype: inference::DType) -> String {
+    use inference::gemm::{Kernel, bf16_kernel, kernel};
     if !device.is_cpu() {
         return "candle CUDA (cuBLAS)".into();
     }
-    let gemm = inference::gemm::kernel().map_or("candle's gemm crate", inference::gemm::Kernel::name);
+    let gemm = match dtype {
+        inference::DType::F32 => kernel().map_or("candle's gemm crate", Kernel::name),
+        inference::DType::BF16 => bf16_kernel().map_or("candle's bf16 ops", Kernel::name),
+        _ => "candle's ops",
+    };
     #[cfg(target_arch = "x86_64")]
     let features: Vec<&str> = [
         ("avx2", std::arch::is_x86_feature_detected!("avx2")),
@@ -58,7 +63,7 @@ fn kernels(device: &candle_core::Device) -> String {
     .collect();
     #[cfg(not(target_arch = "x86_64"))]
     let features: Vec<&str> = Vec::new();
-    format!("linears: packed GEMM {gemm}; decode rows: few-row kernel; CPU: {}", features.join(" "))
+    format!("linears and attention: {gemm}; CPU: {}", features.join(" "))
 }
 
 fn main() {
@@ -149,7 +154,7 @@ fn main() {
         "prefill_tok_s": prompt.ids.len() as f64 / prefill_s,
         "ttft_ms": (vision_s + prefill_s) * 1000.0,
         "decode_tok_s": n_decode as f64 / decode_s,
-        "kernels": kernels(&device),
+        "kernels": kernels(&device, dtype),
     });
     println!("{report}");
 }

@@ -14,6 +14,7 @@
 //! frame pair encodes bit for bit alike in any batch (the vision reuse cache relies on it) and a
 //! decode row gives the same logits alone as in a batch.
 
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -35,13 +36,15 @@ pub enum Kernel {
     Avx512,
     /// AVX2 with FMA, 6 x 16 tiles.
     Avx2,
+    /// AVX512-BF16: bf16 weights and inputs, f32 sums, 12 x 32 tiles of pairs (`vdpbf16ps`).
+    Avx512Bf16,
 }
 
 impl Kernel {
     /// Rows of a tile.
     fn mr(self) -> usize {
         match self {
-            Kernel::Avx512 => 12,
+            Kernel::Avx512 | Kernel::Avx512Bf16 => 12,
             Kernel::Avx2 => 6,
         }
     }
@@ -49,18 +52,36 @@ impl Kernel {
     /// Columns of a tile (and of a weight panel).
     fn nr(self) -> usize {
         match self {
-            Kernel::Avx512 => 32,
+            Kernel::Avx512 | Kernel::Avx512Bf16 => 32,
             Kernel::Avx2 => 16,
         }
     }
 
-    /// `avx512` or `avx2`.
+    /// Whether a packed value is a pair of bf16 (two inner indices) rather than one f32.
+    fn pairs(self) -> bool {
+        self == Kernel::Avx512Bf16
+    }
+
+    /// Packed steps for `k` inner indices.
+    fn steps(self, k: usize) -> usize {
+        if self.pairs() { k.div_ceil(2) } else { k }
+    }
+
+    /// `avx512`, `avx2` or `avx512-bf16`.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Avx512 => "avx512",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512Bf16 => "avx512-bf16",
         }
     }
+}
+
+/// The bf16 kernel, where the CPU has AVX512-BF16 and the f32 kernel in use is the AVX-512 one
+/// (`LOOKOUT_CPU_GEMM=avx2` or `candle` turns it off too): `--dtype bf16` on the CPU then keeps
+/// activations in f32 and packs the linears' weights in bf16. `None`: bf16 stays candle's.
+pub fn bf16_kernel() -> Option<Kernel> {
+    (kernel() == Some(Kernel::Avx512) && cpu_has("avx512bf16")).then_some(Kernel::Avx512Bf16)
 }
 
 /// The kernel this process uses for f32 linears on the CPU (`None`: candle's matmul), chosen
@@ -99,6 +120,7 @@ fn cpu_has(feature: &str) -> bool {
             "avx512f" => is_x86_feature_detected!("avx512f"),
             "avx2" => is_x86_feature_detected!("avx2"),
             "fma" => is_x86_feature_detected!("fma"),
+            "avx512bf16" => is_x86_feature_detected!("avx512bf16"),
             _ => false,
         }
     }
@@ -109,12 +131,14 @@ fn cpu_has(feature: &str) -> bool {
     }
 }
 
-/// A weight matrix (`n x k`, the layout of a linear's `weight`) packed for [`Kernel`].
+/// A weight matrix (`n x k`, the layout of a linear's `weight`) packed for [`Kernel`]: panels
+/// of `nr` columns, `[n / nr][steps][nr]`, each value an f32's bits or, for
+/// [`Kernel::Avx512Bf16`], two bf16 (`k` and `k + 1`, the low half first).
 pub(crate) struct Packed {
     kernel: Kernel,
     n: usize,
     k: usize,
-    data: Vec<f32>,
+    data: Vec<u32>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -123,45 +147,72 @@ impl std::fmt::Debug for Packed {
     }
 }
 
+/// `x` rounded to bf16 (to nearest, ties to even, as torch's `.to(torch.bfloat16)`).
+fn bf16(x: f32) -> u32 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16
+}
+
 impl Packed {
+    fn empty(n: usize, k: usize, kernel: Kernel) -> Packed {
+        let data = vec![0u32; n.div_ceil(kernel.nr()) * kernel.steps(k) * kernel.nr()];
+        Packed { kernel, n, k, data }
+    }
+
+    /// Puts `v` at column `j`, inner index `kk`.
+    fn put(&mut self, j: usize, kk: usize, v: f32) {
+        let (nr, steps) = (self.kernel.nr(), self.kernel.steps(self.k));
+        if self.kernel.pairs() {
+            self.data[(j / nr) * steps * nr + (kk / 2) * nr + j % nr] |= bf16(v) << (16 * (kk % 2));
+        } else {
+            self.data[(j / nr) * steps * nr + kk * nr + j % nr] = v.to_bits();
+        }
+    }
+
     /// Packs `w` (`n x k`, row-major) in panels of the kernel's columns.
     pub(crate) fn new(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Packed {
         assert_eq!(w.len(), n * k, "a {n}x{k} weight");
-        let nr = kernel.nr();
-        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+        let mut p = Packed::empty(n, k, kernel);
         for (j, row) in w.chunks_exact(k.max(1)).enumerate() {
-            let panel = &mut data[(j / nr) * k * nr..][..k * nr];
             for (kk, v) in row.iter().enumerate() {
-                panel[kk * nr + j % nr] = *v;
+                p.put(j, kk, *v);
             }
         }
-        Packed { kernel, n, k, data }
+        p
     }
 
     /// Packs `x` given by columns (`k x n`, row-major: the values of an attention, whose
     /// product with the probabilities is `p V`).
     pub(crate) fn from_columns(x: &[f32], k: usize, n: usize, kernel: Kernel) -> Packed {
         assert_eq!(x.len(), n * k, "a {k}x{n} matrix");
-        let nr = kernel.nr();
-        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+        let mut p = Packed::empty(n, k, kernel);
         for (kk, row) in x.chunks_exact(n.max(1)).enumerate() {
             for (j, v) in row.iter().enumerate() {
-                data[(j / nr) * k * nr + kk * nr + j % nr] = *v;
+                p.put(j, kk, *v);
             }
         }
-        Packed { kernel, n, k, data }
+        p
     }
 
     /// Packs a linear's weight tensor when the CPU GEMM applies to it (f32 on the CPU, a kernel
-    /// this CPU runs); `None` leaves it to candle.
+    /// this CPU runs; in bf16 inside [`bf16_weights`]); `None` leaves it to candle.
     pub(crate) fn from_tensor(w: &Tensor) -> Result<Option<Arc<Packed>>> {
-        let Some(kernel) = kernel() else { return Ok(None) };
+        let chosen = if BF16_WEIGHTS.with(Cell::get) { bf16_kernel() } else { kernel() };
+        let Some(kernel) = chosen else { return Ok(None) };
         if !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
         let values = w.flatten_all()?.to_vec1::<f32>()?;
         Ok(Some(Arc::new(Packed::new(&values, n, k, kernel))))
+    }
+
+    /// Whether the weights are bf16.
+    pub(crate) fn is_bf16(&self) -> bool {
+        self.kernel.pairs()
     }
 
     /// `a W^T` for `a` of `m x k` (row-major): `m x n`.
@@ -174,13 +225,13 @@ impl Packed {
     /// `a W^T` into `out` (`m x n`), on the thread pool when `parallel`.
     pub(crate) fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32], parallel: bool) {
         use rayon::prelude::*;
-        let (n, k) = (self.n, self.k);
+        let (n, k, kernel) = (self.n, self.k, self.kernel);
         assert_eq!(a.len(), m * k, "{m} rows of {k}");
         assert_eq!(out.len(), m * n, "{m} rows of {n}");
         if m == 0 || n == 0 {
             return;
         }
-        let (mr, nr) = (self.kernel.mr(), self.kernel.nr());
+        let (mr, nr, steps) = (kernel.mr(), kernel.nr(), kernel.steps(k));
         let mc = mr * MC_PANELS;
         let panels = n.div_ceil(nr);
         let blocks = m.div_ceil(mc);
@@ -198,23 +249,25 @@ impl Packed {
                 return;
             }
             let row_panels = rows.div_ceil(mr);
-            let mut packed_a = vec![0f32; row_panels * KC.min(k) * mr];
+            let mut packed_a = vec![0u32; row_panels * kernel.steps(KC.min(k)) * mr];
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_rows(a, k, i0, rows, pc, kc, mr, &mut packed_a);
+                let ks = kernel.steps(kc);
+                pack_rows(kernel, a, k, i0, rows, pc, kc, &mut packed_a);
                 for p in p0..p1 {
-                    let b = &self.data[p * k * nr + pc * nr..][..kc * nr];
+                    // KC is even, so a block's first step is `kernel.steps(pc)` whole.
+                    let b = &self.data[(p * steps + kernel.steps(pc)) * nr..][..ks * nr];
                     let cols = (n - p * nr).min(nr);
                     for rp in 0..row_panels {
                         let r = (rows - rp * mr).min(mr);
-                        let ap = &packed_a[rp * kc * mr..][..kc * mr];
+                        let ap = &packed_a[rp * ks * mr..][..ks * mr];
                         // SAFETY: the tile is rows `i0 + rp * mr ..+ r` and columns
                         // `p * nr ..+ cols` of `out` (m x n): inside it, and no other task
                         // writes there (tasks split the rows by blocks and the columns by
-                        // panels); `ap` and `b` hold `kc` steps of `mr` and `nr` values.
+                        // panels); `ap` and `b` hold `ks` steps of `mr` and `nr` values.
                         #[allow(unsafe_code)]
                         unsafe {
-                            tile(self.kernel, kc, ap, b, c.at((i0 + rp * mr) * n + p * nr), n, r, cols, pc > 0)
+                            tile(kernel, ks, ap, b, c.at((i0 + rp * mr) * n + p * nr), n, r, cols, pc > 0)
                         };
                     }
                 }
@@ -228,21 +281,47 @@ impl Packed {
     }
 }
 
+thread_local! {
+    /// Set by [`bf16_weights`] while a model is built.
+    static BF16_WEIGHTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Builds with `f` the linears whose weights are packed in bf16 (see [`bf16_kernel`]); the
+/// model is otherwise f32.
+pub(crate) fn bf16_weights<R>(f: impl FnOnce() -> R) -> R {
+    let before = BF16_WEIGHTS.with(|b| b.replace(true));
+    let out = f();
+    BF16_WEIGHTS.with(|b| b.set(before));
+    out
+}
+
 /// Rows `i0..i0 + rows`, inner indices `pc..pc + kc` of `a` (`_ x k`), as panels of `mr` rows:
-/// `out[panel][kk][r]`, the rows past the end zero.
+/// `out[panel][step][r]`, the rows past the end zero (a step is one f32, or two bf16 for the
+/// bf16 kernel, the last one's high half zero when `kc` is odd).
 #[allow(clippy::too_many_arguments)]
-fn pack_rows(a: &[f32], k: usize, i0: usize, rows: usize, pc: usize, kc: usize, mr: usize, out: &mut [f32]) {
-    for (rp, panel) in out.chunks_exact_mut(kc * mr).take(rows.div_ceil(mr)).enumerate() {
+fn pack_rows(kernel: Kernel, a: &[f32], k: usize, i0: usize, rows: usize, pc: usize, kc: usize, out: &mut [u32]) {
+    let (mr, ks) = (kernel.mr(), kernel.steps(kc));
+    for (rp, panel) in out.chunks_exact_mut(ks * mr).take(rows.div_ceil(mr)).enumerate() {
         for r in 0..mr {
             let i = rp * mr + r;
-            if i < rows {
-                let src = &a[(i0 + i) * k + pc..][..kc];
-                for (kk, v) in src.iter().enumerate() {
-                    panel[kk * mr + r] = *v;
+            if i >= rows {
+                for s in 0..ks {
+                    panel[s * mr + r] = 0;
+                }
+                continue;
+            }
+            let src = &a[(i0 + i) * k + pc..][..kc];
+            if kernel.pairs() {
+                let (whole, odd) = src.as_chunks::<2>();
+                for (s, pair) in whole.iter().enumerate() {
+                    panel[s * mr + r] = bf16(pair[0]) | (bf16(pair[1]) << 16);
+                }
+                if let [last] = odd {
+                    panel[whole.len() * mr + r] = bf16(*last);
                 }
             } else {
-                for kk in 0..kc {
-                    panel[kk * mr + r] = 0.0;
+                for (s, v) in src.iter().enumerate() {
+                    panel[s * mr + r] = v.to_bits();
                 }
             }
         }
@@ -269,19 +348,19 @@ impl OutPtr {
     }
 }
 
-/// One tile: `rows x cols` of the output at `c` (row stride `ldc`) from `kc` steps of the packed
-/// input panel `a` and weight panel `b`, added to what is there when `accumulate`. Edge tiles go
-/// through a full-size scratch tile so the kernel's loads and stores stay in bounds.
+/// One tile: `rows x cols` of the output at `c` (row stride `ldc`) from `steps` steps of the
+/// packed input panel `a` and weight panel `b`, added to what is there when `accumulate`. Edge
+/// tiles go through a full-size scratch tile so the kernel's loads and stores stay in bounds.
 ///
 /// # Safety
 /// `kernel` runs on this CPU; `c` points at a `rows x cols` tile of a buffer with row stride
-/// `ldc`; `a` and `b` hold `kc * mr` and `kc * nr` values.
+/// `ldc`; `a` and `b` hold `steps * mr` and `steps * nr` values.
 #[allow(unsafe_code, clippy::too_many_arguments)]
 unsafe fn tile(
     kernel: Kernel,
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
+    steps: usize,
+    a: &[u32],
+    b: &[u32],
     c: *mut f32,
     ldc: usize,
     rows: usize,
@@ -289,10 +368,10 @@ unsafe fn tile(
     accumulate: bool,
 ) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
-    debug_assert!(a.len() >= kc * mr && b.len() >= kc * nr && rows <= mr && cols <= nr);
+    debug_assert!(a.len() >= steps * mr && b.len() >= steps * nr && rows <= mr && cols <= nr);
     if cols == nr {
         // SAFETY: the tile's rows are whole; the kernel touches `rows` of them.
-        unsafe { run(kernel, kc, a.as_ptr(), b.as_ptr(), c, ldc, rows, accumulate) };
+        unsafe { run(kernel, steps, a.as_ptr(), b.as_ptr(), c, ldc, rows, accumulate) };
         return;
     }
     let mut scratch = [0f32; 12 * 32];
@@ -303,7 +382,7 @@ unsafe fn tile(
         }
     }
     // SAFETY: the scratch tile holds `mr x nr`.
-    unsafe { run(kernel, kc, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), nr, rows, accumulate) };
+    unsafe { run(kernel, steps, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), nr, rows, accumulate) };
     for r in 0..rows {
         for j in 0..cols {
             // SAFETY: inside the caller's tile.
@@ -319,9 +398,9 @@ unsafe fn tile(
 #[allow(unsafe_code, clippy::too_many_arguments)]
 unsafe fn run(
     kernel: Kernel,
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
+    steps: usize,
+    a: *const u32,
+    b: *const u32,
     c: *mut f32,
     ldc: usize,
     rows: usize,
@@ -330,22 +409,24 @@ unsafe fn run(
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! by_rows {
-            ($f:ident, $($r:literal)+) => {
+            ($f:ident, $a:expr, $b:expr, $($r:literal)+) => {
                 match rows {
                     // SAFETY: the caller's contract; `kernel` says the CPU has the features.
-                    $($r => unsafe { x86::$f::<$r>(kc, a, b, c, ldc, accumulate) },)+
+                    $($r => unsafe { x86::$f::<$r>(steps, $a, $b, c, ldc, accumulate) },)+
                     _ => unreachable!("a tile of {rows} rows"),
                 }
             };
         }
+        let (af, bf) = (a.cast::<f32>(), b.cast::<f32>());
         match kernel {
-            Kernel::Avx512 => by_rows!(avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
-            Kernel::Avx2 => by_rows!(avx2, 1 2 3 4 5 6),
+            Kernel::Avx512 => by_rows!(avx512, af, bf, 1 2 3 4 5 6 7 8 9 10 11 12),
+            Kernel::Avx2 => by_rows!(avx2, af, bf, 1 2 3 4 5 6),
+            Kernel::Avx512Bf16 => by_rows!(avx512bf16, a, b, 1 2 3 4 5 6 7 8 9 10 11 12),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kernel, kc, a, b, c, ldc, rows, accumulate);
+        let _ = (kernel, steps, a, b, c, ldc, rows, accumulate);
         unreachable!("no CPU GEMM kernel off x86_64 (kernel() is None there)");
     }
 }
@@ -385,6 +466,48 @@ mod x86 {
                     let av = _mm512_set1_ps(*ar.add(r));
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc), row[0]);
+                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+            }
+        }
+    }
+
+    /// `R` rows by 32 columns from bf16 pairs: `c[r][j] (+)= sum_s a[s * 12 + r] . b[s * 32 + j]`,
+    /// each a dot product of two bf16 pairs accumulated in f32 (`vdpbf16ps`).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16; `a` holds `steps * 12` pairs, `b` `steps * 32`, and `c` `R`
+    /// rows of 32 at stride `ldc`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn avx512bf16<const R: usize>(
+        steps: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY: every pointer stays within the extents of the contract; a vector of 16 u32 is
+        // one of 32 bf16 (the same 64 bytes).
+        unsafe {
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
+                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                }
+            }
+            for s in 0..steps {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16).cast()));
+                let ar = a.add(s * 12);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], av, b1);
                 }
             }
             for (r, row) in acc.iter().enumerate() {
@@ -605,11 +728,32 @@ mod tests {
         out
     }
 
+    /// The kernels this CPU runs.
     fn kernels() -> Vec<Kernel> {
-        [Kernel::Avx512, Kernel::Avx2]
+        let mut all: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2]
             .into_iter()
             .filter(|k| choose(Some(k.name()), cpu_has("avx512f"), cpu_has("avx2") && cpu_has("fma")) == Some(*k))
-            .collect()
+            .collect();
+        if cpu_has("avx512f") && cpu_has("avx512bf16") {
+            all.push(Kernel::Avx512Bf16);
+        }
+        all
+    }
+
+    /// What the kernel multiplies: `x` itself, or rounded to bf16.
+    fn seen(kernel: Kernel, x: &[f32]) -> Vec<f32> {
+        if kernel.pairs() { x.iter().map(|v| f32::from_bits(bf16(*v) << 16)).collect() } else { x.to_vec() }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16(1.0), 0x3f80);
+        assert_eq!(bf16(f32::from_bits(0x3f80_8000)), 0x3f80, "a tie goes to the even neighbour");
+        assert_eq!(bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bf16(-2.5), 0xc020);
+        assert_eq!(bf16(f32::NAN), 0x7fc0);
+        assert_eq!(bf16(f32::INFINITY), 0x7f80);
     }
 
     #[test]
@@ -619,7 +763,8 @@ mod tests {
             for (m, n, k) in [(1, 1, 1), (5, 7, 3), (13, 33, 300), (97, 48, 512), (200, 70, 257), (31, 1536, 64)] {
                 let (a, w) = (values(m * k, 1), values(n * k, 2));
                 let got = Packed::new(&w, n, k, kernel).matmul(&a, m);
-                let want = reference(&a, &w, m, n, k);
+                // bf16: the products of the rounded values, summed in f32.
+                let want = reference(&seen(kernel, &a), &seen(kernel, &w), m, n, k);
                 for (i, (g, r)) in got.iter().zip(&want).enumerate() {
                     let tol = 1e-5 * (k as f64).sqrt().max(1.0);
                     assert!((*g as f64 - r).abs() <= tol, "{kernel:?} {m}x{n}x{k} at {i}: {g} vs {r}");

@@ -24,14 +24,24 @@ pub struct Qwen3VL {
 impl Qwen3VL {
     /// Builds the model from checkpoint tensors (`model.visual.*`, `model.language_model.*`,
     /// `lm_head.*`).
+    ///
+    /// bf16 on a CPU with AVX512-BF16 ([`crate::gemm::bf16_kernel`]): the linears' weights are
+    /// packed in bf16 and multiplied in bf16 with f32 sums, everything else (activations,
+    /// norms, attention, the KV cache) is f32; elsewhere bf16 is candle's bf16 throughout.
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
-        let vision = VisionModel::new(&cfg.vision_config, vb.pp("model.visual"))?;
-        let text = TextModel::new(
-            &cfg.text_config,
-            cfg.tie_word_embeddings(),
-            vb.pp("model.language_model"),
-            vb.pp("lm_head"),
-        )?;
+        let bf16_linears = vb.device().is_cpu() && vb.dtype() == DType::BF16 && crate::gemm::bf16_kernel().is_some();
+        let vb = if bf16_linears { vb.to_dtype(DType::F32) } else { vb };
+        let build = || -> Result<(VisionModel, TextModel)> {
+            let vision = VisionModel::new(&cfg.vision_config, vb.pp("model.visual"))?;
+            let text = TextModel::new(
+                &cfg.text_config,
+                cfg.tie_word_embeddings(),
+                vb.pp("model.language_model"),
+                vb.pp("lm_head"),
+            )?;
+            Ok((vision, text))
+        };
+        let (vision, text) = if bf16_linears { crate::gemm::bf16_weights(build)? } else { build()? };
         Ok(Qwen3VL { vision, text, cfg: cfg.clone(), device: vb.device().clone(), dtype: vb.dtype() })
     }
 

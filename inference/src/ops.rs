@@ -9,9 +9,12 @@ use crate::gemm::{Packed, PackedMatmul};
 /// A linear layer `x W^T (+ b)` with weights in the model dtype.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
-    /// The weight packed for the CPU GEMM (f32 on a CPU with AVX2 or AVX-512): rows beyond the
-    /// few-row kernel's go through it, and every row of a linear without `few_rows`.
+    /// The weight as loaded, kept where something reads it: candle's matmul (no packed copy)
+    /// or the few-row kernel (f32 packing); dropped where the packed copy serves every row.
+    weight: Option<Tensor>,
+    /// The weight packed for the CPU GEMM (f32 on a CPU with AVX2 or AVX-512, or bf16, see
+    /// [`crate::gemm`]): rows beyond the few-row kernel's go through it, and every row of a
+    /// linear without `few_rows` or with bf16 weights.
     packed: Option<Arc<Packed>>,
     bias: Option<Tensor>,
     /// A few input rows go through the few-row kernel (the text decoder's batched decode
@@ -24,32 +27,40 @@ impl Linear {
     pub(crate) fn load(vb: VarBuilder<'_>, inp: usize, out: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out, inp), "weight")?;
         let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
-        Self::new(weight, bias)
+        Self::build(weight, bias, false)
+    }
+
+    /// A linear of the text decoder: a few input rows (a batched decode step) take the few-row
+    /// kernel (see [`crate::fastmath::skinny_matmul`]) unless the weights are packed in bf16.
+    pub(crate) fn load_few_rows(vb: VarBuilder<'_>, inp: usize, out: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out, inp), "weight")?;
+        let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
+        Self::build(weight, bias, true)
     }
 
     /// A linear of `weight` (`out x in`) and `bias`, packed for the CPU GEMM where it applies.
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::build(weight, bias, false)
+    }
+
+    fn build(weight: Tensor, bias: Option<Tensor>, few_rows: bool) -> Result<Self> {
         let packed = Packed::from_tensor(&weight)?;
-        Ok(Linear { weight, packed, bias, few_rows: false })
+        let keep = packed.as_ref().is_none_or(|p| few_rows && !p.is_bf16());
+        Ok(Linear { weight: keep.then_some(weight), packed, bias, few_rows })
     }
 
-    /// A linear sharing `weight` (the tied LM head: the embeddings), not packed: it only ever
-    /// sees a few rows (the last prompt position, one row per decoding sequence).
+    /// A linear sharing `weight` (the LM head, tied to the embeddings or not), not packed: it
+    /// only ever sees a few rows (the last prompt position, one row per decoding sequence).
     pub(crate) fn from_weight(weight: Tensor) -> Self {
-        Linear { weight, packed: None, bias: None, few_rows: false }
-    }
-
-    /// Lets a few input rows take the few-row kernel (see [`crate::fastmath::skinny_matmul`]).
-    pub(crate) fn few_rows(mut self) -> Self {
-        self.few_rows = true;
-        self
+        Linear { weight: Some(weight), packed: None, bias: None, few_rows: true }
     }
 
     /// `x W^T`: a few rows (a batched decode step) by the few-row kernel on the CPU, more by the
     /// packed GEMM, elsewhere candle's matmul.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         if self.few_rows
-            && let Some(y) = crate::fastmath::skinny_matmul(x, &self.weight)?
+            && let Some(w) = &self.weight
+            && let Some(y) = crate::fastmath::skinny_matmul(x, w)?
         {
             return Ok(y);
         }
@@ -59,7 +70,14 @@ impl Linear {
         {
             return x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(packed.clone()));
         }
-        x.matmul(&self.weight.t()?)
+        match &self.weight {
+            Some(w) => x.matmul(&w.t()?),
+            None => candle_core::bail!(
+                "a linear packed for the CPU got a {:?} input on {:?}",
+                x.dtype(),
+                x.device().location()
+            ),
+        }
     }
 }
 

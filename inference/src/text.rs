@@ -184,19 +184,19 @@ impl TextModel {
             let bias = cfg.attention_bias;
             layers.push(Layer {
                 attn: Attention {
-                    q: Linear::load(a.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?.few_rows(),
-                    k: Linear::load(a.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?.few_rows(),
-                    v: Linear::load(a.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?.few_rows(),
-                    o: Linear::load(a.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?.few_rows(),
+                    q: Linear::load_few_rows(a.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
+                    k: Linear::load_few_rows(a.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?,
+                    v: Linear::load_few_rows(a.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?,
+                    o: Linear::load_few_rows(a.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?,
                     q_norm: RmsNorm::load(a.pp("q_norm"), hd, eps)?,
                     k_norm: RmsNorm::load(a.pp("k_norm"), hd, eps)?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
                 },
-                gate: Linear::load(l.pp("mlp.gate_proj"), h, cfg.intermediate_size, false)?.few_rows(),
-                up: Linear::load(l.pp("mlp.up_proj"), h, cfg.intermediate_size, false)?.few_rows(),
-                down: Linear::load(l.pp("mlp.down_proj"), cfg.intermediate_size, h, false)?.few_rows(),
+                gate: Linear::load_few_rows(l.pp("mlp.gate_proj"), h, cfg.intermediate_size, false)?,
+                up: Linear::load_few_rows(l.pp("mlp.up_proj"), h, cfg.intermediate_size, false)?,
+                down: Linear::load_few_rows(l.pp("mlp.down_proj"), cfg.intermediate_size, h, false)?,
                 input_norm: RmsNorm::load(l.pp("input_layernorm"), h, eps)?,
                 post_norm: RmsNorm::load(l.pp("post_attention_layernorm"), h, eps)?,
             });
@@ -206,8 +206,7 @@ impl TextModel {
             Linear::from_weight(embed.clone())
         } else {
             Linear::from_weight(head_vb.get((cfg.vocab_size, h), "weight")?)
-        }
-        .few_rows();
+        };
         let theta = cfg.rope_theta() as f32;
         let inv_freq: Vec<f32> = (0..hd).step_by(2).map(|j| 1.0 / theta.powf(j as f32 / hd as f32)).collect();
         let sec = cfg.mrope_section();

@@ -8,6 +8,9 @@
 //! multiply-adds: AVX-512 tiles of 12 rows by 32 columns (24 accumulators), AVX2/FMA tiles of 6
 //! by 16 (12). The kernel is chosen once by the CPU's features; `LOOKOUT_CPU_GEMM` (`avx512`,
 //! `avx2`, `candle`) overrides it, and without AVX2 and FMA the linears keep candle's matmul.
+//! With AVX512-BF16, bf16 weights are packed as pairs and multiplied by `vdpbf16ps` (f32 sums;
+//! see [`crate::model::Qwen3VL::new`] for when). [`attention`] and [`causal_attention`] fuse an
+//! attention's two products on the same kernels, a block of query rows at a time.
 //!
 //! Every output element is summed over `k` in one order (blocks of [`KC`] in turn, each a chain
 //! of multiply-adds) whatever the number of rows, the row's place among them or its tile, so a

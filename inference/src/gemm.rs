@@ -439,6 +439,40 @@ unsafe fn run(
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The accumulators of an AVX-512 tile of `R` rows by 32: zero, or what `c` holds.
+    ///
+    /// # Safety
+    /// AVX-512F; with `accumulate`, `c` holds `R` rows of 32 at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn start_tile<const R: usize>(c: *const f32, ldc: usize, accumulate: bool) -> [[__m512; 2]; R] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
+                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                }
+            }
+        }
+        acc
+    }
+
+    /// Writes an AVX-512 tile's accumulators to `c`.
+    ///
+    /// # Safety
+    /// AVX-512F; `c` holds `R` rows of 32 at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile<const R: usize>(c: *mut f32, ldc: usize, acc: &[[__m512; 2]; R]) {
+        for (r, row) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe {
+                _mm512_storeu_ps(c.add(r * ldc), row[0]);
+                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+            }
+        }
+    }
+
     /// `R` rows by 32 columns: `c[r][..32] (+)= sum_kk a[kk * 12 + r] * b[kk * 32..][..32]`.
     ///
     /// # Safety
@@ -452,15 +486,9 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         // SAFETY: every pointer stays within the extents of the contract.
         unsafe {
-            if accumulate {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
-                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
-                }
-            }
+            let mut acc = start_tile::<R>(c, ldc, accumulate);
             for kk in 0..kc {
                 let b0 = _mm512_loadu_ps(b.add(kk * 32));
                 let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
@@ -471,10 +499,7 @@ mod x86 {
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc), row[0]);
-                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
-            }
+            store_tile(c, ldc, &acc);
         }
     }
 
@@ -493,16 +518,10 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         // SAFETY: every pointer stays within the extents of the contract; a vector of 16 u32 is
         // one of 32 bf16 (the same 64 bytes).
         unsafe {
-            if accumulate {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
-                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
-                }
-            }
+            let mut acc = start_tile::<R>(c, ldc, accumulate);
             for s in 0..steps {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32).cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16).cast()));
@@ -513,10 +532,7 @@ mod x86 {
                     row[1] = _mm512_dpbf16_ps(row[1], av, b1);
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc), row[0]);
-                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
-            }
+            store_tile(c, ldc, &acc);
         }
     }
 

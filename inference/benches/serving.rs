@@ -5,11 +5,12 @@
 //! LOOKOUT_BENCH_MODEL=DIR [LOOKOUT_BENCH_PARTS=steps,concurrency,vss,overlap,live] [LOOKOUT_BENCH_DEVICE=cpu]
 //!   [LOOKOUT_BENCH_DTYPE=f32] [LOOKOUT_BENCH_REQUESTS=3] [LOOKOUT_BENCH_TOKENS=64]
 //!   [LOOKOUT_BENCH_SIDE=224] [LOOKOUT_BENCH_VSS_PAIRS=40] [LOOKOUT_BENCH_VSS_SIDE=448]
-//!   [LOOKOUT_BENCH_CLIP_PAIRS=64] cargo bench -p inference --bench serving
+//!   [LOOKOUT_BENCH_CLIP_PAIRS=64] [LOOKOUT_BENCH_BATCHES=1,2,4,8,16] cargo bench -p inference --bench serving
 //! ```
 //!
-//! - `steps`: the model alone, one decode step of 1 to 16 sequences (256-token contexts) in one
-//!   batched forward against as many single steps.
+//! - `steps`: the model alone, one decode step of BATCHES sequences (256-token contexts, room
+//!   reserved for every step as the engine reserves a request's) in one batched forward against
+//!   as many single steps.
 //! - `concurrency`: 1, 2, 4 and 8 streams, each sending REQUESTS windows of one frame pair at
 //!   SIDE (SIDE 0: text prompts) and taking TOKENS tokens each (end of sequence ignored), one
 //!   window after another as a watch does; the same requests one at a time on the same engine:
@@ -170,10 +171,14 @@ fn main() {
         let model = inference::model::Qwen3VL::new(&cfg, vb).unwrap();
         let prompt: Vec<u32> = (0..256).map(|i| 100 + i).collect();
         let mut rows = Vec::new();
-        for b in [1usize, 2, 4, 8, 16] {
+        let steps = 16;
+        let batches: String = env("LOOKOUT_BENCH_BATCHES", "1,2,4,8,16".to_owned());
+        for b in batches.split(',').filter_map(|b| b.trim().parse::<usize>().ok()) {
             let mut caches: Vec<_> = (0..b)
                 .map(|_| {
                     let mut c = model.new_cache();
+                    // Room for the prompt and every step, as the engine reserves a request's.
+                    c.reserve(prompt.len() + 2 * steps);
                     let kinds = vec![inference::positions::TokenKind::Text; prompt.len()];
                     let p: Vec<i64> = (0..prompt.len() as i64).collect();
                     let positions =
@@ -182,7 +187,6 @@ fn main() {
                     c
                 })
                 .collect();
-            let steps = 16;
             let t = Instant::now();
             for k in 0..steps {
                 let tokens = vec![7u32; b];

@@ -313,72 +313,66 @@ fn decode_head(q: &[f32], k: &[f32], v: &[f32], len: usize, scale: f32, scores: 
     }
 }
 
-struct DecodeAttention {
-    heads: usize,
-    len: usize,
-    scale: f32,
-}
-
-impl candle_core::CustomOp3 for DecodeAttention {
-    fn name(&self) -> &'static str {
-        "decode-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
-            candle_core::bail!("decode-attention needs f32");
-        };
-        let (Some((qa, qb)), Some((ka, kb)), Some((va, vb))) =
-            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
-            candle_core::bail!("decode-attention needs contiguous inputs");
-        };
-        let (b, heads, n, hd) = l1.shape().dims4()?;
-        let (b2, kv_heads, cap, hd2) = l2.shape().dims4()?;
-        let fits = b == 1 && b2 == 1 && n == 1 && l3.shape() == l2.shape();
-        if !fits
-            || heads != self.heads
-            || hd != hd2
-            || kv_heads == 0
-            || heads % kv_heads != 0
-            || self.len > cap
-            || self.len == 0
-        {
-            candle_core::bail!("decode-attention: {heads} heads of {hd} against {kv_heads} x {cap} x {hd2}");
-        }
-        let (q, k, v) = (&q[qa..qb], &k[ka..kb], &v[va..vb]);
-        let rep = heads / kv_heads;
-        let group = cap * hd;
-        let mut out = vec![0f32; heads * hd];
-        let head = |(h, o): (usize, &mut [f32])| {
-            let g = h / rep;
-            let mut scores = vec![0f32; self.len];
-            let (kg, vg) = (&k[g * group..(g + 1) * group], &v[g * group..(g + 1) * group]);
-            decode_head(&q[h * hd..(h + 1) * hd], kg, vg, self.len, self.scale, &mut scores, o);
-        };
-        use rayon::prelude::*;
-        out.par_chunks_mut(hd).enumerate().for_each(head);
-        Ok((CpuStorage::F32(out), Shape::from((1, heads, 1, hd))))
-    }
-}
-
-/// Attention of one new position (`q`: `(1, heads, 1, hd)`) to the first `len` positions of a
-/// KV cache (`k`, `v`: `(1, kv_heads, capacity, hd)`, read in place: nothing is copied), in f32
-/// on the CPU; `None` where the general path is the one to use.
-pub(crate) fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, scale: f64) -> Result<Option<Tensor>> {
-    if !(fast(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 && k.is_contiguous() && v.is_contiguous()) {
+/// One decode step's attention for a batch of sequences: row `i` of `q` (`(b, heads, 1, hd)`)
+/// attends to the first `len` positions of its own KV cache (`caches[i] = (k, v, len)`, each
+/// `(1, kv_heads, capacity, hd)`, read in place: nothing is copied), in f32 on the CPU. Every
+/// (row, head) is one task of the thread pool, so a step of many sequences is one parallel
+/// section rather than one per sequence. Returns `(b, heads, 1, hd)`; `None` where the general
+/// path is the one to use (another device or dtype, a cache not contiguous).
+pub(crate) fn decode_attention(q: &Tensor, caches: &[(&Tensor, &Tensor, usize)], scale: f64) -> Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let usable = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.rank() == 4;
+    if !(fast(q) && caches.iter().all(|(k, v, _)| usable(k) && usable(v) && k.shape() == v.shape())) {
         return Ok(None);
     }
-    let heads = q.dim(1)?;
-    q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { heads, len, scale: scale as f32 }).map(Some)
+    let (b, heads, n, hd) = q.dims4()?;
+    if n != 1 || b != caches.len() {
+        candle_core::bail!("decode-attention: {b} rows of {n} positions for {} caches", caches.len());
+    }
+    let q = q.contiguous()?;
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(qd)) = &*q_storage else { return Ok(None) };
+    let (qa, qb) = q_layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("q layout".into()))?;
+    let qd = &qd[qa..qb];
+    // Read guards on every cache for the duration of the step (nothing writes them meanwhile).
+    let guards: Vec<_> = caches.iter().map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+    struct Row<'a> {
+        k: &'a [f32],
+        v: &'a [f32],
+        len: usize,
+        group: usize,
+        rep: usize,
+    }
+    let mut rows = Vec::with_capacity(b);
+    for (((ks, kl), (vs, vl)), (k, _, len)) in guards.iter().zip(caches) {
+        let (one, kv_heads, cap, hd2) = k.dims4()?;
+        if one != 1 || hd2 != hd || kv_heads == 0 || heads % kv_heads != 0 || *len == 0 || *len > cap {
+            candle_core::bail!(
+                "decode-attention: {heads} heads of {hd} against {kv_heads} x {cap} x {hd2} ({len} held)"
+            );
+        }
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&**ks, &**vs) else {
+            return Ok(None);
+        };
+        let ((ka, kb), (va, vb)) = kl
+            .contiguous_offsets()
+            .zip(vl.contiguous_offsets())
+            .ok_or_else(|| candle_core::Error::Msg("cache layout".into()))?;
+        rows.push(Row { k: &kd[ka..kb], v: &vd[va..vb], len: *len, group: cap * hd, rep: heads / kv_heads });
+    }
+    let scale = scale as f32;
+    let mut out = vec![0f32; b * heads * hd];
+    use rayon::prelude::*;
+    out.par_chunks_mut(hd).enumerate().for_each(|(t, o)| {
+        let row = &rows[t / heads];
+        let g = (t % heads) / row.rep;
+        let (kg, vg) = (&row.k[g * row.group..][..row.group], &row.v[g * row.group..][..row.group]);
+        let mut scores = vec![0f32; row.len];
+        decode_head(&qd[t * hd..(t + 1) * hd], kg, vg, row.len, scale, &mut scores, o);
+    });
+    drop(rows);
+    drop(guards);
+    Tensor::from_vec(out, (b, heads, 1, hd), q.device()).map(Some)
 }
 
 #[derive(Clone, Copy)]
@@ -492,13 +486,38 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, kv, cap, hd), &Device::Cpu).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, kv, cap, hd), &Device::Cpu).unwrap();
         let scale = (hd as f64).powf(-0.5);
-        let ours = decode_attention(&q, &k, &v, len, scale).unwrap().expect("taken");
-        let (kn, vn) =
-            (k.narrow(2, 0, len).unwrap().contiguous().unwrap(), v.narrow(2, 0, len).unwrap().contiguous().unwrap());
-        let qg = q.reshape((1, kv, heads / kv, hd)).unwrap();
-        let att = (qg.matmul(&kn.t().unwrap()).unwrap() * scale).unwrap();
-        let theirs = softmax_last_dim(&att).unwrap().matmul(&vn).unwrap().reshape((1, heads, 1, hd)).unwrap();
-        close(&ours, &theirs);
+        let general = |q: &Tensor, k: &Tensor, v: &Tensor, len: usize| {
+            let (kn, vn) = (
+                k.narrow(2, 0, len).unwrap().contiguous().unwrap(),
+                v.narrow(2, 0, len).unwrap().contiguous().unwrap(),
+            );
+            let qg = q.reshape((1, kv, heads / kv, hd)).unwrap();
+            let att = (qg.matmul(&kn.t().unwrap()).unwrap() * scale).unwrap();
+            softmax_last_dim(&att).unwrap().matmul(&vn).unwrap().reshape((1, heads, 1, hd)).unwrap()
+        };
+        let ours = decode_attention(&q, &[(&k, &v, len)], scale).unwrap().expect("taken");
+        close(&ours, &general(&q, &k, &v, len));
+        // Several sequences in one step, each against its own cache of its own size and length.
+        let caches: Vec<(Tensor, Tensor, usize)> = [(40, 29), (8, 1), (64, 64)]
+            .into_iter()
+            .map(|(cap, len)| {
+                let t = || Tensor::randn(0f32, 1.0, (1, kv, cap, hd), &Device::Cpu).unwrap();
+                (t(), t(), len)
+            })
+            .collect();
+        let q = Tensor::randn(0f32, 1.0, (caches.len(), heads, 1, hd), &Device::Cpu).unwrap();
+        let refs: Vec<_> = caches.iter().map(|(k, v, len)| (k, v, *len)).collect();
+        let ours = decode_attention(&q, &refs, scale).unwrap().expect("taken");
+        for (i, (k, v, len)) in caches.iter().enumerate() {
+            let alone = general(&q.narrow(0, i, 1).unwrap(), k, v, *len);
+            let row = ours.narrow(0, i, 1).unwrap();
+            close(&row, &alone);
+            // Bit for bit what the sequence gets decoded alone.
+            let single = decode_attention(&q.narrow(0, i, 1).unwrap(), &[(k, v, *len)], scale).unwrap().expect("taken");
+            let d = (&row - &single).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "row {i}");
+        }
+        assert!(decode_attention(&q, &refs[..1], scale).is_err(), "one cache per row");
         // A fully masked tail stays zero.
         let m = Tensor::new(&[[0f32, 1.0, f32::NEG_INFINITY]], &Device::Cpu).unwrap();
         let s: Vec<Vec<f32>> = softmax_last_dim(&m).unwrap().to_vec2().unwrap();

@@ -341,16 +341,17 @@ fn causal_mask(from: usize, rows: usize, past: usize, total: usize, device: &Dev
 impl Attention {
     /// Queries, keys and values of `x` (`(1, n, hidden)`) with their rotary positions applied:
     /// `(1, heads, n, head_dim)` and twice `(1, kv_heads, n, head_dim)`.
-    fn project(&self, x: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor, Tensor)> {
+    /// q, k, v of `x` (`(b, n, hidden)`) as `(b, heads, n, head_dim)`, q and k rotated by
+    /// `cos`, `sin`, which broadcast against them: `(1, 1, n, hd)` for one sequence of `n`
+    /// positions, `(b, 1, 1, hd)` for `b` sequences of one position each.
+    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n, _) = x.dims3()?;
         let hd = self.head_dim;
         let q = self.q_norm.forward(&self.q.forward(x)?.reshape((b, n, self.heads, hd))?)?.transpose(1, 2)?;
         let k = self.k_norm.forward(&self.k.forward(x)?.reshape((b, n, self.kv_heads, hd))?)?.transpose(1, 2)?;
         let v = self.v.forward(x)?.reshape((b, n, self.kv_heads, hd))?.transpose(1, 2)?;
-        let cos = rope.cos.unsqueeze(0)?.unsqueeze(0)?;
-        let sin = rope.sin.unsqueeze(0)?.unsqueeze(0)?;
-        let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-        let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+        let q = (q.broadcast_mul(cos)? + rotate_half(&q)?.broadcast_mul(sin)?)?;
+        let k = (k.broadcast_mul(cos)? + rotate_half(&k)?.broadcast_mul(sin)?)?;
         Ok((q, k, v))
     }
 
@@ -364,13 +365,17 @@ impl Attention {
         budget: usize,
     ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        let (q, k, v) = self.project(x, rope)?;
+        let (q, k, v) =
+            self.project(x, &rope.cos.unsqueeze(0)?.unsqueeze(0)?, &rope.sin.unsqueeze(0)?.unsqueeze(0)?)?;
         let o = self.attend(&q, &k, &v, cache, layer, last_layer, budget)?;
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
         self.o.forward(&o)
     }
 
     /// Row i of `x` (`(1, b, hidden)`) is the next token of the sequence cached in `caches[i]`.
+    /// The projections come out as `b` sequences of one position each (`(b, heads, 1, hd)`,
+    /// contiguous: a row is a narrow of the first dimension, nothing is copied), every row is
+    /// appended to its own cache, and the rows attend to their caches in one pass.
     fn forward_batch(
         &self,
         x: &Tensor,
@@ -380,16 +385,26 @@ impl Attention {
         last_layer: bool,
     ) -> Result<Tensor> {
         let (_, b, _) = x.dims3()?;
-        let (q, k, v) = self.project(x, rope)?;
-        let mut outs = Vec::with_capacity(b);
+        let x = x.reshape((b, 1, ()))?;
+        let (q, k, v) = self.project(&x, &rope.cos.reshape((b, 1, 1, ()))?, &rope.sin.reshape((b, 1, 1, ()))?)?;
+        let mut held = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let row = |t: &Tensor| t.narrow(2, i, 1);
-            // One query row: no mask, one block.
-            outs.push(self.attend(&row(&q)?, &row(&k)?, &row(&v)?, cache, layer, last_layer, usize::MAX)?);
+            held.push(cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, last_layer)?);
         }
-        let o = Tensor::cat(&outs, 2)?;
-        let o = o.transpose(1, 2)?.reshape((1, b, self.heads * self.head_dim))?;
-        self.o.forward(&o)
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let refs: Vec<_> = held.iter().map(|(k, v, len)| (k, v, *len)).collect();
+        let o = match crate::fastmath::decode_attention(&q, &refs, scale)? {
+            Some(o) => o,
+            None => {
+                let rows = held
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, v, total))| self.attend_cached(&q.narrow(0, i, 1)?, k, v, *total, usize::MAX))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+        };
+        self.o.forward(&o.reshape((1, b, self.heads * self.head_dim))?)
     }
 
     /// Appends `k`, `v` to `cache` and attends `q` (`(1, heads, n, head_dim)`, the last `n`
@@ -405,12 +420,19 @@ impl Attention {
         last_layer: bool,
         budget: usize,
     ) -> Result<Tensor> {
-        let (b, _, n, hd) = q.dims4()?;
         let (k, v, total) = cache.append(layer, k, v, last_layer)?;
+        self.attend_cached(q, &k, &v, total, budget)
+    }
+
+    /// Attends `q` (`(b, heads, n, head_dim)`, the last `n` of `total` positions) to the first
+    /// `total` positions of a cache's keys and values (`(b, kv_heads, capacity, head_dim)`),
+    /// causally. Returns `(b, heads, n, head_dim)`.
+    fn attend_cached(&self, q: &Tensor, k: &Tensor, v: &Tensor, total: usize, budget: usize) -> Result<Tensor> {
+        let (b, _, n, hd) = q.dims4()?;
         let scale = (hd as f64).powf(-0.5);
         // One new position: attended in place over the cache, nothing copied.
         if n == 1
-            && let Some(o) = crate::fastmath::decode_attention(q, &k, &v, total, scale)?
+            && let Some(o) = crate::fastmath::decode_attention(q, &[(k, v, total)], scale)?
         {
             return Ok(o);
         }

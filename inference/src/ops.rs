@@ -56,9 +56,15 @@ impl Linear {
     }
 
     /// `x W^T`: a few rows (a batched decode step) by the few-row kernel on the CPU, more by the
-    /// packed GEMM, elsewhere candle's matmul.
+    /// packed GEMM, elsewhere candle's matmul. Where both CPU kernels serve, the few-row one
+    /// takes up to [`crate::fastmath::SKINNY_OVER_PACKED`] rows: a decode row's logits then
+    /// depend on how many rows share its step, within f32 rounding (the two kernels sum in
+    /// different orders).
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dims().first().copied().unwrap_or(0);
+        let few = if self.packed.is_some() { crate::fastmath::SKINNY_OVER_PACKED } else { usize::MAX };
         if self.few_rows
+            && rows <= few
             && let Some(w) = &self.weight
             && let Some(y) = crate::fastmath::skinny_matmul(x, w)?
         {

@@ -238,7 +238,7 @@ pub(crate) const SKINNY_ROWS: usize = 32;
 
 /// Input rows up to which [`skinny_matmul`] beats the packed GEMM of [`crate::gemm`], whose
 /// weights are packed once at load. Measured on the small bench model's decode steps
-/// (`benches/serving.sh`, part `steps`, 2 threads, Sapphire Rapids): with the AVX-512 GEMM,
+/// (`benches/serving.sh`, part `steps`, 2 threads of an AMD EPYC with AVX-512): with the AVX-512 GEMM,
 /// 8 rows took 11.0 ms against 14.5 through this kernel, 4 rows 9.2 against 9.6, 2 rows 8.1
 /// against 5.9; with the AVX2 GEMM (`LOOKOUT_CPU_GEMM=avx2`) 8 rows 12.6 against 13.6, 4 rows
 /// 10.3 against 9.2.

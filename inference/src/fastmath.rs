@@ -378,8 +378,6 @@ pub(crate) fn decode_attention(q: &Tensor, caches: &[(&Tensor, &Tensor, usize)],
         let mut scores = vec![0f32; row.len];
         decode_head(&qd[t * hd..(t + 1) * hd], kg, vg, row.len, scale, &mut scores, o);
     });
-    drop(rows);
-    drop(guards);
     Tensor::from_vec(out, (b, heads, 1, hd), q.device()).map(Some)
 }
 

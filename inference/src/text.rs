@@ -339,11 +339,10 @@ fn causal_mask(from: usize, rows: usize, past: usize, total: usize, device: &Dev
 }
 
 impl Attention {
-    /// Queries, keys and values of `x` (`(1, n, hidden)`) with their rotary positions applied:
-    /// `(1, heads, n, head_dim)` and twice `(1, kv_heads, n, head_dim)`.
-    /// q, k, v of `x` (`(b, n, hidden)`) as `(b, heads, n, head_dim)`, q and k rotated by
-    /// `cos`, `sin`, which broadcast against them: `(1, 1, n, hd)` for one sequence of `n`
-    /// positions, `(b, 1, 1, hd)` for `b` sequences of one position each.
+    /// Queries, keys and values of `x` (`(b, n, hidden)`) with their rotary positions applied:
+    /// `(b, heads, n, head_dim)` and twice `(b, kv_heads, n, head_dim)`. `cos`, `sin` broadcast
+    /// against them: `(1, 1, n, hd)` for one sequence of `n` positions, `(b, 1, 1, hd)` for `b`
+    /// sequences of one position each.
     fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n, _) = x.dims3()?;
         let hd = self.head_dim;

@@ -23,7 +23,8 @@ fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
     let x = x.clamp(-87.0, 88.0);
     let y = x * std::f32::consts::LOG2_E;
-    let n = (y + MAGIC) - MAGIC;
+    let t = y + MAGIC; // its low bits hold n: t = MAGIC + n exactly
+    let n = t - MAGIC;
     let f = y - n;
     let p = 1.525_273_4e-5_f32;
     let p = p * f + 1.540_353_1e-4;
@@ -33,7 +34,9 @@ fn exp(x: f32) -> f32 {
     let p = p * f + 2.402_265e-1;
     let p = p * f + 6.931_472e-1;
     let p = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from t's bits with integer ops only (`n as i32` is a saturating conversion, which
+    // the compiler does one lane at a time: it was most of the softmax's time).
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
@@ -64,6 +67,22 @@ pub(crate) fn softmax_rows(xs: &[f32], out: &mut [f32], dim: usize) {
         let inv = 1.0 / lanes_sum(o);
         o.iter_mut().for_each(|v| *v *= inv);
     }
+}
+
+/// One row of attention probabilities: `out[j] = softmax(scale * row[..seen])[j]` for `j < seen`,
+/// zero after (the keys a causal row does not see), in one pass for the maximum, one for the
+/// exponentials and their sum and one for the normalisation.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+pub(crate) fn softmax_scaled(row: &[f32], out: &mut [f32], scale: f32, seen: usize) {
+    let (seen_row, seen_out) = (&row[..seen], &mut out[..seen]);
+    let max = lanes_max(seen_row);
+    let shift = max * scale;
+    for (d, &v) in seen_out.iter_mut().zip(seen_row) {
+        *d = exp(v * scale - shift);
+    }
+    let inv = 1.0 / lanes_sum(seen_out);
+    seen_out.iter_mut().for_each(|v| *v *= inv);
+    out[seen..].fill(0.0);
 }
 
 /// The largest of `a`, in 16 independent lanes (a running maximum in one register would wait on

@@ -227,62 +227,101 @@ impl Packed {
 
     /// `a W^T` into `out` (`m x n`), on the thread pool when `parallel`.
     pub(crate) fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32], parallel: bool) {
+        self.matmul_part(a, m, self.k, out, self.n, parallel);
+    }
+
+    /// The product with the first `cols` columns and `inner` inner indices of the weight:
+    /// `out[i][j] = sum_{kk < inner} a[i][kk] w[j][kk]` for `a` of `m x inner` and `out` of
+    /// `m x cols` (both row-major). Causal attention multiplies a block of query rows by the
+    /// keys up to its last position only, and those probabilities by as many values.
+    pub(crate) fn matmul_part(&self, a: &[f32], m: usize, inner: usize, out: &mut [f32], cols: usize, parallel: bool) {
         use rayon::prelude::*;
-        let (n, k, kernel) = (self.n, self.k, self.kernel);
-        assert_eq!(a.len(), m * k, "{m} rows of {k}");
-        assert_eq!(out.len(), m * n, "{m} rows of {n}");
-        if m == 0 || n == 0 {
+        let kernel = self.kernel;
+        assert!(cols <= self.n && inner <= self.k, "{cols}x{inner} of a {}x{} weight", self.n, self.k);
+        assert_eq!(a.len(), m * inner, "{m} rows of {inner}");
+        assert_eq!(out.len(), m * cols, "{m} rows of {cols}");
+        if m == 0 || cols == 0 {
             return;
         }
-        let (mr, nr, steps) = (kernel.mr(), kernel.nr(), kernel.steps(k));
+        let (mr, nr, steps) = (kernel.mr(), kernel.nr(), kernel.steps(self.k));
         let mc = mr * MC_PANELS;
-        let panels = n.div_ceil(nr);
-        let blocks = m.div_ceil(mc);
-        // Enough tasks for every thread (row blocks by groups of weight panels).
+        let panels = cols.div_ceil(nr);
         let threads = if parallel { rayon::current_num_threads() } else { 1 };
-        let groups = (4 * threads).div_ceil(blocks).max(panels.div_ceil(NC_PANELS)).clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
+        // The f32 kernels read the input rows where they are. The bf16 kernel reads them packed
+        // as pairs, once per chunk of row blocks (within PACKED_A values), before the tiles.
+        let pairs = kernel.pairs();
+        let chunk_rows = if pairs { (PACKED_A / kernel.steps(inner).max(1) / mc).max(1) * mc } else { m };
+        let ks_all = kernel.steps(inner);
         let c = OutPtr(out.as_mut_ptr());
-        let task = |task: usize| {
-            let (block, group) = (task / groups, task % groups);
-            let (p0, p1) = (group * per_group, ((group + 1) * per_group).min(panels));
-            let i0 = block * mc;
-            let rows = (m - i0).min(mc);
-            if p0 >= p1 {
-                return;
-            }
-            let row_panels = rows.div_ceil(mr);
-            let mut packed_a = vec![0u32; row_panels * kernel.steps(KC.min(k)) * mr];
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                let ks = kernel.steps(kc);
-                pack_rows(kernel, a, k, i0, rows, pc, kc, &mut packed_a);
-                for p in p0..p1 {
-                    // KC is even, so a block's first step is `kernel.steps(pc)` whole.
-                    let b = &self.data[(p * steps + kernel.steps(pc)) * nr..][..ks * nr];
-                    let cols = (n - p * nr).min(nr);
-                    for rp in 0..row_panels {
-                        let r = (rows - rp * mr).min(mr);
-                        let ap = &packed_a[rp * ks * mr..][..ks * mr];
-                        // SAFETY: the tile is rows `i0 + rp * mr ..+ r` and columns
-                        // `p * nr ..+ cols` of `out` (m x n): inside it, and no other task
-                        // writes there (tasks split the rows by blocks and the columns by
-                        // panels); `ap` and `b` hold `ks` steps of `mr` and `nr` values.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            tile(kernel, ks, ap, b, c.at((i0 + rp * mr) * n + p * nr), n, r, cols, pc > 0)
-                        };
-                    }
+        let mut packed = Vec::new();
+        for c0 in (0..m).step_by(chunk_rows) {
+            let crows = chunk_rows.min(m - c0);
+            if pairs {
+                let row_panels = crows.div_ceil(mr);
+                packed.clear();
+                packed.resize(row_panels * ks_all * mr, 0u32);
+                let pack = |(rp, panel): (usize, &mut [u32])| {
+                    let rows = (crows - rp * mr).min(mr);
+                    pack_panel(kernel, a, inner, c0 + rp * mr, rows, panel);
+                };
+                if parallel && row_panels > 1 {
+                    packed.par_chunks_mut(ks_all * mr).enumerate().for_each(pack);
+                } else {
+                    packed.chunks_mut(ks_all * mr).enumerate().for_each(pack);
                 }
             }
-        };
-        if parallel {
-            (0..blocks * groups).into_par_iter().for_each(task);
-        } else {
-            (0..blocks * groups).for_each(task);
+            let packed = &packed;
+            let blocks = crows.div_ceil(mc);
+            // Enough tasks for every thread (row blocks by groups of weight panels).
+            let groups = (4 * threads).div_ceil(blocks).max(panels.div_ceil(NC_PANELS)).clamp(1, panels);
+            let per_group = panels.div_ceil(groups);
+            let task = |task: usize| {
+                let (block, group) = (task / groups, task % groups);
+                let (p0, p1) = (group * per_group, ((group + 1) * per_group).min(panels));
+                if p0 >= p1 {
+                    return;
+                }
+                let i0 = block * mc;
+                let rows = (crows - i0).min(mc);
+                for pc in (0..inner).step_by(KC) {
+                    let kc = KC.min(inner - pc);
+                    let (s0, ks) = (kernel.steps(pc), kernel.steps(kc));
+                    for p in p0..p1 {
+                        // KC is even, so a block's first step is `kernel.steps(pc)` whole.
+                        let b = &self.data[(p * steps + s0) * nr..][..ks * nr];
+                        let width = (cols - p * nr).min(nr);
+                        for rp in 0..rows.div_ceil(mr) {
+                            let r = (rows - rp * mr).min(mr);
+                            let ap = if pairs {
+                                Input::Packed(&packed[((i0 / mr + rp) * ks_all + s0) * mr..][..ks * mr])
+                            } else {
+                                Input::Rows(&a[(c0 + i0 + rp * mr) * inner + pc..][..(r - 1) * inner + kc], inner)
+                            };
+                            // SAFETY: the tile is rows `c0 + i0 + rp * mr ..+ r` and columns
+                            // `p * nr ..+ width` of `out` (m x cols): inside it, and no other
+                            // task writes there (tasks split the rows by blocks and the columns
+                            // by panels); `ap` holds `ks` steps of `r` rows, `b` of `nr` values.
+                            #[allow(unsafe_code)]
+                            unsafe {
+                                let at = c.at((c0 + i0 + rp * mr) * cols + p * nr);
+                                tile(kernel, ks, ap, b, at, cols, r, width, pc > 0)
+                            };
+                        }
+                    }
+                }
+            };
+            if parallel {
+                (0..blocks * groups).into_par_iter().for_each(task);
+            } else {
+                (0..blocks * groups).for_each(task);
+            }
         }
     }
 }
+
+/// Packed input values a call holds at most (16 MiB): longer inputs are packed and multiplied
+/// a chunk of row blocks at a time.
+const PACKED_A: usize = 4 << 20;
 
 thread_local! {
     /// Set by [`bf16_weights`] while a model is built.
@@ -298,37 +337,29 @@ pub(crate) fn bf16_weights<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Rows `i0..i0 + rows`, inner indices `pc..pc + kc` of `a` (`_ x k`), as panels of `mr` rows:
-/// `out[panel][step][r]`, the rows past the end zero (a step is one f32, or two bf16 for the
-/// bf16 kernel, the last one's high half zero when `kc` is odd).
-#[allow(clippy::too_many_arguments)]
-fn pack_rows(kernel: Kernel, a: &[f32], k: usize, i0: usize, rows: usize, pc: usize, kc: usize, out: &mut [u32]) {
-    let (mr, ks) = (kernel.mr(), kernel.steps(kc));
-    for (rp, panel) in out.chunks_exact_mut(ks * mr).take(rows.div_ceil(mr)).enumerate() {
-        for r in 0..mr {
-            let i = rp * mr + r;
-            if i >= rows {
-                for s in 0..ks {
-                    panel[s * mr + r] = 0;
-                }
-                continue;
+/// Rows `i0..i0 + rows` (at most `mr`) of `a` (`_ x k`), every inner index, as one panel:
+/// `out[step][r]`, the rows past `rows` zero (a step is one f32, or two bf16 for the bf16
+/// kernel, the last one's high half zero when `k` is odd).
+fn pack_panel(kernel: Kernel, a: &[f32], k: usize, i0: usize, rows: usize, out: &mut [u32]) {
+    let mr = kernel.mr();
+    debug_assert!(rows <= mr && out.len() == kernel.steps(k) * mr);
+    for r in 0..rows {
+        let src = &a[(i0 + r) * k..][..k];
+        let dst = out.iter_mut().skip(r).step_by(mr);
+        if kernel.pairs() {
+            let (whole, odd) = src.as_chunks::<2>();
+            for (d, pair) in
+                dst.zip(whole.iter().map(|p| bf16(p[0]) | (bf16(p[1]) << 16)).chain(odd.iter().map(|v| bf16(*v))))
+            {
+                *d = pair;
             }
-            let src = &a[(i0 + i) * k + pc..][..kc];
-            if kernel.pairs() {
-                let (whole, odd) = src.as_chunks::<2>();
-                for (s, pair) in whole.iter().enumerate() {
-                    panel[s * mr + r] = bf16(pair[0]) | (bf16(pair[1]) << 16);
-                }
-                if let [last] = odd {
-                    panel[whole.len() * mr + r] = bf16(*last);
-                }
-            } else {
-                for (s, v) in src.iter().enumerate() {
-                    panel[s * mr + r] = v.to_bits();
-                }
+        } else {
+            for (d, v) in dst.zip(src) {
+                *d = v.to_bits();
             }
         }
     }
+    // Rows past the end stay zero: `out` comes zeroed.
 }
 
 /// The output buffer, shared by the tasks that write disjoint tiles of it.
@@ -351,18 +382,27 @@ impl OutPtr {
     }
 }
 
+/// A tile's input rows: a packed panel (`[step][mr]`, the bf16 kernel's pairs), or `rows` rows
+/// read where they are, `lda` apart (the f32 kernels: packing them cost as much as the
+/// multiply-adds where the weight is narrow, an attention's `p V` with its 64 columns).
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Packed(&'a [u32]),
+    Rows(&'a [f32], usize),
+}
+
 /// One tile: `rows x cols` of the output at `c` (row stride `ldc`) from `steps` steps of the
-/// packed input panel `a` and weight panel `b`, added to what is there when `accumulate`. Edge
+/// input rows `a` and the weight panel `b`, added to what is there when `accumulate`. Edge
 /// tiles go through a full-size scratch tile so the kernel's loads and stores stay in bounds.
 ///
 /// # Safety
 /// `kernel` runs on this CPU; `c` points at a `rows x cols` tile of a buffer with row stride
-/// `ldc`; `a` and `b` hold `steps * mr` and `steps * nr` values.
+/// `ldc`; `b` holds `steps * nr` values (`a`'s extent is checked).
 #[allow(unsafe_code, clippy::too_many_arguments)]
 unsafe fn tile(
     kernel: Kernel,
     steps: usize,
-    a: &[u32],
+    a: Input<'_>,
     b: &[u32],
     c: *mut f32,
     ldc: usize,
@@ -371,10 +411,21 @@ unsafe fn tile(
     accumulate: bool,
 ) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
-    debug_assert!(a.len() >= steps * mr && b.len() >= steps * nr && rows <= mr && cols <= nr);
+    // Where the kernel finds input row r's step s: `a[r * row + s * step]`.
+    let (a, row, step) = match a {
+        Input::Packed(a) => {
+            assert!(a.len() >= steps * mr, "a packed panel of {steps} steps");
+            (a.as_ptr(), 1, mr)
+        }
+        Input::Rows(a, lda) => {
+            assert!(!kernel.pairs() && rows > 0 && a.len() > (rows - 1) * lda + steps - 1, "{rows} rows of {steps}");
+            (a.as_ptr().cast::<u32>(), lda, 1)
+        }
+    };
+    debug_assert!(b.len() >= steps * nr && rows <= mr && cols <= nr);
     if cols == nr {
         // SAFETY: the tile's rows are whole; the kernel touches `rows` of them.
-        unsafe { run(kernel, steps, a.as_ptr(), b.as_ptr(), c, ldc, rows, accumulate) };
+        unsafe { run(kernel, steps, a, row, step, b.as_ptr(), c, ldc, rows, accumulate) };
         return;
     }
     let mut scratch = [0f32; 12 * 32];
@@ -385,7 +436,7 @@ unsafe fn tile(
         }
     }
     // SAFETY: the scratch tile holds `mr x nr`.
-    unsafe { run(kernel, steps, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), nr, rows, accumulate) };
+    unsafe { run(kernel, steps, a, row, step, b.as_ptr(), scratch.as_mut_ptr(), nr, rows, accumulate) };
     for r in 0..rows {
         for j in 0..cols {
             // SAFETY: inside the caller's tile.
@@ -403,6 +454,8 @@ unsafe fn run(
     kernel: Kernel,
     steps: usize,
     a: *const u32,
+    row: usize,
+    step: usize,
     b: *const u32,
     c: *mut f32,
     ldc: usize,
@@ -415,7 +468,7 @@ unsafe fn run(
             ($f:ident, $a:expr, $b:expr, $($r:literal)+) => {
                 match rows {
                     // SAFETY: the caller's contract; `kernel` says the CPU has the features.
-                    $($r => unsafe { x86::$f::<$r>(steps, $a, $b, c, ldc, accumulate) },)+
+                    $($r => unsafe { x86::$f::<$r>(steps, $a, row, step, $b, c, ldc, accumulate) },)+
                     _ => unreachable!("a tile of {rows} rows"),
                 }
             };
@@ -429,7 +482,7 @@ unsafe fn run(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kernel, steps, a, b, c, ldc, rows, accumulate);
+        let _ = (kernel, steps, a, row, step, b, c, ldc, rows, accumulate);
         unreachable!("no CPU GEMM kernel off x86_64 (kernel() is None there)");
     }
 }
@@ -473,14 +526,18 @@ mod x86 {
         }
     }
 
-    /// `R` rows by 32 columns: `c[r][..32] (+)= sum_kk a[kk * 12 + r] * b[kk * 32..][..32]`.
+    /// `R` rows by 32 columns: `c[r][..32] (+)= sum_kk a[r * row + kk * step] * b[kk * 32..][..32]`.
     ///
     /// # Safety
-    /// AVX-512F; `a` holds `kc * 12` values, `b` `kc * 32`, and `c` `R` rows of 32 at stride `ldc`.
+    /// AVX-512F; `a` holds `R` rows of `kc` steps at those strides, `b` `kc * 32` values, and `c`
+    /// `R` rows of 32 at stride `ldc`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn avx512<const R: usize>(
         kc: usize,
         a: *const f32,
+        row: usize,
+        step: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -489,12 +546,13 @@ mod x86 {
         // SAFETY: every pointer stays within the extents of the contract.
         unsafe {
             let mut acc = start_tile::<R>(c, ldc, accumulate);
+            let rows: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
             for kk in 0..kc {
                 let b0 = _mm512_loadu_ps(b.add(kk * 32));
                 let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
-                let ar = a.add(kk * 12);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ar.add(r));
+                for (acc, ar) in acc.iter_mut().zip(&rows) {
+                    let av = _mm512_set1_ps(*ar.add(kk * step));
+                    let row = acc;
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
@@ -507,12 +565,15 @@ mod x86 {
     /// each a dot product of two bf16 pairs accumulated in f32 (`vdpbf16ps`).
     ///
     /// # Safety
-    /// AVX-512F and AVX512-BF16; `a` holds `steps * 12` pairs, `b` `steps * 32`, and `c` `R`
-    /// rows of 32 at stride `ldc`.
+    /// AVX-512F and AVX512-BF16; `a` holds `steps * 12` pairs (packed: `row` 1, `step` 12), `b`
+    /// `steps * 32`, and `c` `R` rows of 32 at stride `ldc`.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn avx512bf16<const R: usize>(
         steps: usize,
         a: *const u32,
+        row: usize,
+        step: usize,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -525,9 +586,10 @@ mod x86 {
             for s in 0..steps {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32).cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16).cast()));
-                let ar = a.add(s * 12);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                let ar = a.add(s * step);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r * row) as i32));
+                    let row = acc;
                     row[0] = _mm512_dpbf16_ps(row[0], av, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], av, b1);
                 }
@@ -536,14 +598,18 @@ mod x86 {
         }
     }
 
-    /// `R` rows by 16 columns, as [`avx512`] with 8-lane registers and panels of 6 rows.
+    /// `R` rows by 16 columns, as [`avx512`] with 8-lane registers.
     ///
     /// # Safety
-    /// AVX2 and FMA; `a` holds `kc * 6` values, `b` `kc * 16`, and `c` `R` rows of 16 at stride `ldc`.
+    /// AVX2 and FMA; `a` holds `R` rows of `kc` steps at strides `row` and `step`, `b` `kc * 16`
+    /// values, and `c` `R` rows of 16 at stride `ldc`.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn avx2<const R: usize>(
         kc: usize,
         a: *const f32,
+        row: usize,
+        step: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -558,12 +624,13 @@ mod x86 {
                     row[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
                 }
             }
+            let rows: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
             for kk in 0..kc {
                 let b0 = _mm256_loadu_ps(b.add(kk * 16));
                 let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
-                let ar = a.add(kk * 6);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ar.add(r));
+                for (acc, ar) in acc.iter_mut().zip(&rows) {
+                    let av = _mm256_broadcast_ss(&*ar.add(kk * step));
+                    let row = acc;
                     row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(av, b1, row[1]);
                 }
@@ -604,9 +671,9 @@ const QUERY_BLOCK: usize = 96;
 
 /// Attention of independent problems, fused: `q` is `(problems, rows, hd)`, `k` and `v`
 /// `(problems, len, hd)`, contiguous f32; for each problem and block of query rows, the scores
-/// `q k^T` (packed GEMM), times `scale`, masked, softmaxed ([`crate::fastmath::softmax_rows`])
-/// and multiplied by `v` (packed GEMM), without a problem's whole score matrix ever being
-/// allocated.
+/// `q k^T` (packed GEMM; causally, with the keys up to the block's furthest row only), scaled
+/// and softmaxed ([`crate::fastmath::softmax_scaled`]) and multiplied by `v` (packed GEMM),
+/// without a problem's whole score matrix ever being allocated.
 struct Attention {
     kernel: Kernel,
     scale: f32,
@@ -669,17 +736,16 @@ impl candle_core::CustomOp3 for Attention {
             let mut probs = scores.clone();
             for from in (0..m).step_by(QUERY_BLOCK) {
                 let rows = QUERY_BLOCK.min(m - from);
-                let (s, pr) = (&mut scores[..rows * len], &mut probs[..rows * len]);
-                keys.matmul_into(&q[from * hd..(from + rows) * hd], rows, s, false);
-                s.iter_mut().for_each(|x| *x *= self.scale);
-                if let Some(c) = self.causal {
-                    for (r, row) in s.chunks_exact_mut(len).enumerate() {
-                        let seen = c.past + (from + r) % c.positions + 1;
-                        row[seen..].fill(f32::NEG_INFINITY);
-                    }
+                // How many keys each row sees; causally, the block is multiplied by the keys up
+                // to its furthest row only (a prompt's prefill skips about half the products).
+                let seen = |r: usize| self.causal.map_or(len, |c| c.past + (from + r) % c.positions + 1);
+                let width = (0..rows).map(seen).max().unwrap_or(len);
+                let (s, pr) = (&mut scores[..rows * width], &mut probs[..rows * width]);
+                keys.matmul_part(&q[from * hd..(from + rows) * hd], rows, hd, s, width, false);
+                for (r, (row, out)) in s.chunks_exact(width).zip(pr.chunks_exact_mut(width)).enumerate() {
+                    crate::fastmath::softmax_scaled(row, out, self.scale, seen(r));
                 }
-                crate::fastmath::softmax_rows(s, pr, len);
-                values.matmul_into(pr, rows, &mut o[from * hd..(from + rows) * hd], false);
+                values.matmul_part(pr, rows, width, &mut o[from * hd..(from + rows) * hd], hd, false);
             }
         });
         Ok((CpuStorage::F32(out), lq.shape().clone()))
@@ -824,9 +890,16 @@ mod tests {
 
     #[test]
     fn fused_causal_attention_matches_a_masked_softmax() {
-        // Two KV groups of 3 query heads, 40 new positions after 25 cached.
+        // Two KV groups of 3 query heads, 40 new positions after 25 cached; and one head of 200
+        // positions, whose first blocks of query rows see only some of the keys (a block is
+        // multiplied by the keys up to its furthest row: 121 and 217 of 225, not whole panels).
+        for (groups, heads, n, past, hd) in [(2, 3, 40, 25, 32), (2, 1, 200, 25, 32)] {
+            causal_case(groups, heads, n, past, hd);
+        }
+    }
+
+    fn causal_case(groups: usize, heads: usize, n: usize, past: usize, hd: usize) {
         let dev = candle_core::Device::Cpu;
-        let (groups, heads, n, past, hd) = (2, 3, 40, 25, 32);
         let total = past + n;
         let q = Tensor::from_vec(values(groups * heads * n * hd, 10), (groups, heads * n, hd), &dev).unwrap();
         let k = Tensor::from_vec(values(groups * total * hd, 11), (groups, total, hd), &dev).unwrap();
@@ -839,7 +912,7 @@ mod tests {
         let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.2).unwrap().broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&att).unwrap().matmul(&v).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "{diff}");
+        assert!(diff < 1e-5, "{groups}x{heads} heads of {n} after {past}: {diff}");
     }
 
     #[test]

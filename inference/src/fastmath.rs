@@ -283,11 +283,12 @@ impl candle_core::CustomOp2 for Skinny {
             candle_core::bail!("skinny-matmul: {m}x{k} by ({n}x{k2})^T");
         }
         let (x, w) = (&x[xa..xb], &w[wa..wb]);
-        use rayon::prelude::*;
         // Blocks of weight rows, big enough to amortize the hand-off to the thread pool.
         let rows = (CHUNK / k.max(1)).max(1);
         let mut t = vec![0f32; n * m];
-        t.par_chunks_mut(rows * m).zip(w.par_chunks(rows * k)).for_each(|(o, w)| skinny_block_any(x, m, k, w, o));
+        crate::parallel::for_each_chunk(&mut t, rows * m, |i, o| {
+            skinny_block_any(x, m, k, &w[i * rows * k..][..o.len() / m.max(1) * k], o)
+        });
         if m == 1 {
             // One row (a single sequence's decode step): (n, 1) is already (1, n).
             return Ok((CpuStorage::F32(t), Shape::from((1, n))));
@@ -389,8 +390,7 @@ pub(crate) fn decode_attention(q: &Tensor, caches: &[(&Tensor, &Tensor, usize)],
     }
     let scale = scale as f32;
     let mut out = vec![0f32; b * heads * hd];
-    use rayon::prelude::*;
-    out.par_chunks_mut(hd).enumerate().for_each(|(t, o)| {
+    crate::parallel::for_each_chunk(&mut out, hd, |t, o| {
         let row = &rows[t / heads];
         let g = (t % heads) / row.rep;
         let (kg, vg) = (&row.k[g * row.group..][..row.group], &row.v[g * row.group..][..row.group]);
@@ -428,17 +428,19 @@ impl CustomOp1 for Op {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("{} needs f32", self.name());
         };
-        use rayon::prelude::*;
         let xs = &data[start..end];
         let mut out = vec![0f32; xs.len()];
         let dim = (*layout.dims().last().unwrap_or(&1)).max(1);
         // Chunks of whole rows, big enough to amortize the hand-off to the thread pool.
         let chunk = (CHUNK / dim).max(1) * dim;
         let kind = self.0;
-        out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(o, x)| match kind {
-            Kind::GeluTanh => gelu_tanh_slice(x, o),
-            Kind::Silu => silu_slice(x, o),
-            Kind::Softmax => softmax_rows(x, o, dim),
+        crate::parallel::for_each_chunk(&mut out, chunk, |i, o| {
+            let x = &xs[i * chunk..][..o.len()];
+            match kind {
+                Kind::GeluTanh => gelu_tanh_slice(x, o),
+                Kind::Silu => silu_slice(x, o),
+                Kind::Softmax => softmax_rows(x, o, dim),
+            }
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

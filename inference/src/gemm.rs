@@ -235,7 +235,6 @@ impl Packed {
     /// `m x cols` (both row-major). Causal attention multiplies a block of query rows by the
     /// keys up to its last position only, and those probabilities by as many values.
     pub(crate) fn matmul_part(&self, a: &[f32], m: usize, inner: usize, out: &mut [f32], cols: usize, parallel: bool) {
-        use rayon::prelude::*;
         let kernel = self.kernel;
         assert!(cols <= self.n && inner <= self.k, "{cols}x{inner} of a {}x{} weight", self.n, self.k);
         assert_eq!(a.len(), m * inner, "{m} rows of {inner}");
@@ -246,7 +245,7 @@ impl Packed {
         let (mr, nr, steps) = (kernel.mr(), kernel.nr(), kernel.steps(self.k));
         let mc = mr * MC_PANELS;
         let panels = cols.div_ceil(nr);
-        let threads = if parallel { rayon::current_num_threads() } else { 1 };
+        let threads = if parallel { crate::parallel::threads() } else { 1 };
         // The f32 kernels read the input rows where they are. The bf16 kernel reads them packed
         // as pairs, once per chunk of row blocks (within PACKED_A values), before the tiles.
         let pairs = kernel.pairs();
@@ -260,14 +259,14 @@ impl Packed {
                 let row_panels = crows.div_ceil(mr);
                 packed.clear();
                 packed.resize(row_panels * ks_all * mr, 0u32);
-                let pack = |(rp, panel): (usize, &mut [u32])| {
+                let pack = |rp: usize, panel: &mut [u32]| {
                     let rows = (crows - rp * mr).min(mr);
                     pack_panel(kernel, a, inner, c0 + rp * mr, rows, panel);
                 };
-                if parallel && row_panels > 1 {
-                    packed.par_chunks_mut(ks_all * mr).enumerate().for_each(pack);
+                if parallel {
+                    crate::parallel::for_each_chunk(&mut packed, ks_all * mr, pack);
                 } else {
-                    packed.chunks_mut(ks_all * mr).enumerate().for_each(pack);
+                    packed.chunks_mut(ks_all * mr).enumerate().for_each(|(rp, panel)| pack(rp, panel));
                 }
             }
             let packed = &packed;
@@ -311,7 +310,7 @@ impl Packed {
                 }
             };
             if parallel {
-                (0..blocks * groups).into_par_iter().for_each(task);
+                crate::parallel::for_each(blocks * groups, task);
             } else {
                 (0..blocks * groups).for_each(task);
             }
@@ -702,7 +701,6 @@ impl candle_core::CustomOp3 for Attention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
             candle_core::bail!("packed-attention needs f32");
         };
@@ -728,7 +726,7 @@ impl candle_core::CustomOp3 for Attention {
         let (q, k, v) = (&q[qa..qb], &k[ka..kb], &v[va..vb]);
         let (qsize, ksize) = (m * hd, len * hd);
         let mut out = vec![0f32; problems * qsize];
-        out.par_chunks_mut(qsize.max(1)).enumerate().for_each(|(p, o)| {
+        crate::parallel::for_each_chunk(&mut out, qsize.max(1), |p, o| {
             let q = &q[p * qsize..][..qsize];
             let keys = Packed::new(&k[p * ksize..][..ksize], len, hd, self.kernel);
             let values = Packed::from_columns(&v[p * ksize..][..ksize], len, hd, self.kernel);

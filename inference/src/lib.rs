@@ -18,7 +18,8 @@
 //!   [`engine::EngineEvent`]s for each request.
 //!
 //! - [`gemm`] is the CPU GEMM of the model's linears (weights packed at load, AVX-512 or AVX2
-//!   tiles chosen by the CPU's features).
+//!   tiles chosen by the CPU's features); it and the other CPU kernels run their loops on
+//!   candle's own worker pool (`parallel`).
 //!
 //! Everything follows `reference/qwen3-vl.md` and is checked against transformers 5.24.0 by the
 //! tests in `tests/`.
@@ -34,6 +35,7 @@ pub mod files;
 pub mod gemm;
 pub mod model;
 mod ops;
+mod parallel;
 pub mod positions;
 pub mod processor;
 pub mod reuse;

@@ -3,9 +3,9 @@
 //!
 //! candle's CPU matmul (the `gemm` crate) packs the weights again on every call, and on stable
 //! Rust runs only its AVX2 kernels. Here the weights are laid out at load in panels of `NR`
-//! output columns (`[n / NR][k][NR]`, the last panel zero-padded); each call packs the input rows
-//! in panels of `MR` per block of [`KC`] inner indices, and a register-tiled kernel does the
-//! multiply-adds: AVX-512 tiles of 12 rows by 32 columns (24 accumulators), AVX2/FMA tiles of 6
+//! output columns (`[n / NR][k][NR]`, the last panel zero-padded); the f32 kernels read the input
+//! rows where they are (the bf16 kernel packs them as pairs first), and a register-tiled kernel
+//! does the multiply-adds, a block of [`KC`] inner indices at a time: AVX-512 tiles of 12 rows by 32 columns (24 accumulators), AVX2/FMA tiles of 6
 //! by 16 (12). The kernel is chosen once by the CPU's features; `LOOKOUT_CPU_GEMM` (`avx512`,
 //! `avx2`, `candle`) overrides it, and without AVX2 and FMA the linears keep candle's matmul.
 //! With AVX512-BF16, bf16 weights are packed as pairs and multiplied by `vdpbf16ps` (f32 sums;
@@ -545,13 +545,13 @@ mod x86 {
         // SAFETY: every pointer stays within the extents of the contract.
         unsafe {
             let mut acc = start_tile::<R>(c, ldc, accumulate);
-            let rows: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
+            let starts: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
             for kk in 0..kc {
                 let b0 = _mm512_loadu_ps(b.add(kk * 32));
                 let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
-                for (acc, ar) in acc.iter_mut().zip(&rows) {
+                for (acc_row, ar) in acc.iter_mut().zip(&starts) {
                     let av = _mm512_set1_ps(*ar.add(kk * step));
-                    let row = acc;
+                    let row = acc_row;
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
@@ -586,9 +586,9 @@ mod x86 {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32).cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16).cast()));
                 let ar = a.add(s * step);
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for (r, acc_row) in acc.iter_mut().enumerate() {
                     let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r * row) as i32));
-                    let row = acc;
+                    let row = acc_row;
                     row[0] = _mm512_dpbf16_ps(row[0], av, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], av, b1);
                 }
@@ -623,13 +623,13 @@ mod x86 {
                     row[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
                 }
             }
-            let rows: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
+            let starts: [*const f32; R] = std::array::from_fn(|r| a.add(r * row));
             for kk in 0..kc {
                 let b0 = _mm256_loadu_ps(b.add(kk * 16));
                 let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
-                for (acc, ar) in acc.iter_mut().zip(&rows) {
+                for (acc_row, ar) in acc.iter_mut().zip(&starts) {
                     let av = _mm256_broadcast_ss(&*ar.add(kk * step));
-                    let row = acc;
+                    let row = acc_row;
                     row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(av, b1, row[1]);
                 }
